@@ -1,1 +1,45 @@
-fn main() {}
+//! `blocktree`: the storage appliance's one binary.
+//!
+//! This file only parses the command line and reports the outcome; each
+//! subcommand family lives in its own module under [`cli`].
+
+mod cli;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+/// Blocktree: a global, self-certifying, encrypted file system.
+#[derive(Debug, Parser)]
+#[command(name = "blocktree", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start the appliance in a data directory, creating a new domain on first start.
+    #[command(long_about = cli::up::LONG_ABOUT)]
+    Up(cli::up::UpArgs),
+    /// Create and inspect credential stores: root and runtime credentials, writecap
+    /// requests and approvals, root backups (the original design's btprovision).
+    Provision(cli::provision::ProvisionArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let outcome = match cli.command {
+        Command::Up(args) => cli::up::run(args),
+        Command::Provision(args) => cli::provision::run(args),
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            // One line, so scripts and logs can take the last line of stderr as the
+            // cause; `{:#}` joins the context chain with ": ".
+            let message = format!("{error:#}").replace('\n', " ");
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -166,11 +166,20 @@ fn read_private(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>, CredStoreErro
 
 impl FileCredStore {
     /// Creates a store with fresh runtime credentials in `dir` (created 0700 if
-    /// missing). Fails if `dir` already holds a store.
+    /// missing). Fails if `dir` already holds a store, or holds root credentials
+    /// whose runtime file is gone: creating a store there and then generating or
+    /// importing a root would replace those root credentials.
     pub fn create(dir: impl AsRef<Path>) -> Result<FileCredStore, CredStoreError> {
         let dir = dir.as_ref().to_owned();
         if dir.join(RUNTIME_FILE).exists() {
             return Err(CredStoreError::AlreadyExists(dir));
+        }
+        let orphan_root = dir.join(ROOT_FILE);
+        if orphan_root.exists() {
+            return Err(corrupt(
+                &orphan_root,
+                format!("root credentials without {RUNTIME_FILE} beside them; restore {RUNTIME_FILE} or move the root file away before creating a store here"),
+            ));
         }
         fs::DirBuilder::new()
             .recursive(true)
