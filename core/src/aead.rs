@@ -74,7 +74,8 @@ impl SymmetricKey {
         }
         let (nonce, rest) = sealed.split_at(NONCE_LEN);
         let (ciphertext, tag) = rest.split_at(rest.len() - TAG_LEN);
-        let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| CryptoError::DecryptFailed)?;
+        let nonce =
+            Nonce::try_assume_unique_for_key(nonce).map_err(|_| CryptoError::DecryptFailed)?;
         let mut plaintext = Zeroizing::new(vec![0u8; ciphertext.len()]);
         self.aead_key()?
             .open_separate_gather(nonce, Aad::from(aad), ciphertext, tag, &mut plaintext)
@@ -109,7 +110,10 @@ mod tests {
             tampered[index] ^= 0x80;
             assert_eq!(key.open(b"aad", &tampered), Err(CryptoError::DecryptFailed));
         }
-        assert_eq!(key.open(b"aad", &sealed[..10]), Err(CryptoError::DecryptFailed));
+        assert_eq!(
+            key.open(b"aad", &sealed[..10]),
+            Err(CryptoError::DecryptFailed)
+        );
         let other = SymmetricKey::generate().unwrap();
         assert_eq!(other.open(b"aad", &sealed), Err(CryptoError::DecryptFailed));
     }

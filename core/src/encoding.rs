@@ -141,10 +141,11 @@ pub fn decode<T: Encodable>(bytes: &[u8]) -> Result<T, DecodeError> {
             found: *kind,
         });
     }
-    let (value, rest) = postcard::take_from_bytes(body).map_err(|error| DecodeError::Malformed {
-        kind: T::KIND,
-        reason: error.to_string(),
-    })?;
+    let (value, rest) =
+        postcard::take_from_bytes(body).map_err(|error| DecodeError::Malformed {
+            kind: T::KIND,
+            reason: error.to_string(),
+        })?;
     if !rest.is_empty() {
         return Err(DecodeError::TrailingBytes(rest.len()));
     }

@@ -90,7 +90,15 @@ fn labeled_expand(
     while out.len() < len {
         let block = HashAlgorithm::Sha256.hmac(
             prk,
-            &[&previous, &length, b"HPKE-v1", suite, label, info, &[counter]],
+            &[
+                &previous,
+                &length,
+                b"HPKE-v1",
+                suite,
+                label,
+                info,
+                &[counter],
+            ],
         );
         previous = block.as_bytes().to_vec();
         let take = (len - out.len()).min(HASH_LEN);
@@ -149,13 +157,21 @@ impl Context {
 
     fn nonce(&self, sequence: u64) -> Nonce {
         let mut nonce = self.base_nonce;
-        for (byte, seq) in nonce[NONCE_LEN - 8..].iter_mut().zip(sequence.to_be_bytes()) {
+        for (byte, seq) in nonce[NONCE_LEN - 8..]
+            .iter_mut()
+            .zip(sequence.to_be_bytes())
+        {
             *byte ^= seq;
         }
         Nonce::assume_unique_for_key(nonce)
     }
 
-    pub(crate) fn seal(&self, sequence: u64, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, CryptoError> {
+    pub(crate) fn seal(
+        &self,
+        sequence: u64,
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<Vec<u8>, CryptoError> {
         let mut buffer = plaintext.to_vec();
         self.aead_key()?
             .seal_in_place_append_tag(self.nonce(sequence), Aad::from(aad), &mut buffer)
@@ -248,7 +264,9 @@ pub fn derive_key_pair(ikm: &[u8]) -> Result<EncryptionKeyPair, CryptoError> {
             return Ok(pair);
         }
     }
-    Err(CryptoError::Internal("HPKE DeriveKeyPair found no candidate"))
+    Err(CryptoError::Internal(
+        "HPKE DeriveKeyPair found no candidate",
+    ))
 }
 
 #[cfg(test)]
@@ -271,34 +289,57 @@ mod tests {
     fn check_suite(text: &str, aead: HpkeAead) {
         let v = vectors(text);
         let ephemeral = derive_key_pair(&v["ikmE"]).unwrap();
-        assert_eq!(ephemeral.public().as_sec1().as_slice(), v["pkEm"].as_slice());
-        assert_eq!(ephemeral.to_scalar().unwrap().as_slice(), v["skEm"].as_slice());
+        assert_eq!(
+            ephemeral.public().as_sec1().as_slice(),
+            v["pkEm"].as_slice()
+        );
+        assert_eq!(
+            ephemeral.to_scalar().unwrap().as_slice(),
+            v["skEm"].as_slice()
+        );
         let receiver = derive_key_pair(&v["ikmR"]).unwrap();
         assert_eq!(receiver.public().as_sec1().as_slice(), v["pkRm"].as_slice());
-        assert_eq!(receiver.to_scalar().unwrap().as_slice(), v["skRm"].as_slice());
+        assert_eq!(
+            receiver.to_scalar().unwrap().as_slice(),
+            v["skRm"].as_slice()
+        );
         assert_eq!(ephemeral.public().as_sec1().as_slice(), v["enc"].as_slice());
 
         let dh = ephemeral.diffie_hellman(receiver.public()).unwrap();
-        let shared = extract_and_expand(dh.as_ref(), &kem_context(ephemeral.public(), receiver.public()));
+        let shared = extract_and_expand(
+            dh.as_ref(),
+            &kem_context(ephemeral.public(), receiver.public()),
+        );
         assert_eq!(shared.as_slice(), v["shared_secret"].as_slice());
 
         let sender = setup_sender(aead, receiver.public(), &ephemeral, &v["info"]).unwrap();
         assert_eq!(sender.key.as_slice(), v["key"].as_slice());
         assert_eq!(sender.base_nonce.as_slice(), v["base_nonce"].as_slice());
-        assert_eq!(sender.exporter_secret.as_slice(), v["exporter_secret"].as_slice());
+        assert_eq!(
+            sender.exporter_secret.as_slice(),
+            v["exporter_secret"].as_slice()
+        );
 
         let receiver_context = {
             let dh = receiver.diffie_hellman(ephemeral.public()).unwrap();
-            let shared = extract_and_expand(dh.as_ref(), &kem_context(ephemeral.public(), receiver.public()));
+            let shared = extract_and_expand(
+                dh.as_ref(),
+                &kem_context(ephemeral.public(), receiver.public()),
+            );
             Context::new(aead, &shared, &v["info"])
         };
         let mut checked = 0;
         for sequence in 0..3u64 {
-            let Some(ct) = v.get(&format!("seq{sequence}_ct")) else { continue };
+            let Some(ct) = v.get(&format!("seq{sequence}_ct")) else {
+                continue;
+            };
             let pt = &v[&format!("seq{sequence}_pt")];
             let aad = &v[&format!("seq{sequence}_aad")];
             assert_eq!(&sender.seal(sequence, aad, pt).unwrap(), ct);
-            assert_eq!(receiver_context.open(sequence, aad, ct).unwrap().as_slice(), pt.as_slice());
+            assert_eq!(
+                receiver_context.open(sequence, aad, ct).unwrap().as_slice(),
+                pt.as_slice()
+            );
             checked += 1;
         }
         assert!(checked >= 1, "no encryption vectors in the file");
@@ -306,7 +347,10 @@ mod tests {
 
     #[test]
     fn rfc9180_a3_1_known_answers() {
-        check_suite(include_str!("../tests/vectors/hpke_rfc9180_a3_1.txt"), HpkeAead::Aes128Gcm);
+        check_suite(
+            include_str!("../tests/vectors/hpke_rfc9180_a3_1.txt"),
+            HpkeAead::Aes128Gcm,
+        );
     }
 
     #[test]
@@ -341,20 +385,33 @@ mod tests {
         type Aead = hpke::aead::AesGcm256;
 
         let receiver = EncryptionKeyPair::generate().unwrap();
-        let sk = <Kem as hpke::Kem>::PrivateKey::from_bytes(&receiver.to_scalar().unwrap()).unwrap();
+        let sk =
+            <Kem as hpke::Kem>::PrivateKey::from_bytes(&receiver.to_scalar().unwrap()).unwrap();
         let pk = <Kem as hpke::Kem>::PublicKey::from_bytes(receiver.public().as_sec1()).unwrap();
-        assert_eq!(Kem::sk_to_pk(&sk).to_bytes().as_slice(), receiver.public().as_sec1());
+        assert_eq!(
+            Kem::sk_to_pk(&sk).to_bytes().as_slice(),
+            receiver.public().as_sec1()
+        );
 
         let ours = seal(receiver.public(), b"info", b"aad", b"from us").unwrap();
         let enc = <Kem as hpke::Kem>::EncappedKey::from_bytes(ours.enc.as_sec1()).unwrap();
         let theirs_opened = hpke::single_shot_open::<Aead, Kdf, Kem>(
-            &OpModeR::Base, &sk, &enc, b"info", &ours.ciphertext, b"aad",
+            &OpModeR::Base,
+            &sk,
+            &enc,
+            b"info",
+            &ours.ciphertext,
+            b"aad",
         )
         .unwrap();
         assert_eq!(theirs_opened, b"from us");
 
         let (enc, ciphertext) = hpke::single_shot_seal::<Aead, Kdf, Kem>(
-            &OpModeS::Base, &pk, b"info", b"from them", b"aad",
+            &OpModeS::Base,
+            &pk,
+            b"info",
+            b"from them",
+            b"aad",
         )
         .unwrap();
         let sealed = HpkeSealed {
@@ -362,8 +419,14 @@ mod tests {
             enc: EncryptionPublicKey::from_sec1(&enc.to_bytes()).unwrap(),
             ciphertext,
         };
-        let opened = open::<CryptoError>(receiver.public(), |e| receiver.diffie_hellman(e), &sealed, b"info", b"aad")
-            .unwrap();
+        let opened = open::<CryptoError>(
+            receiver.public(),
+            |e| receiver.diffie_hellman(e),
+            &sealed,
+            b"info",
+            b"aad",
+        )
+        .unwrap();
         assert_eq!(opened.as_slice(), b"from them");
     }
 }

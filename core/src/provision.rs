@@ -81,7 +81,10 @@ fn signed_bytes(
 
 impl WritecapRequest {
     /// A request for the runtime credentials in `store`, for `path`.
-    pub fn new(store: &dyn CredStore, path: Option<BtPath>) -> Result<WritecapRequest, ProvisionError> {
+    pub fn new(
+        store: &dyn CredStore,
+        path: Option<BtPath>,
+    ) -> Result<WritecapRequest, ProvisionError> {
         let signing_key = store.signing_public_key();
         let encryption_key = store.encryption_public_key();
         let signature = store.sign(&signed_bytes(&signing_key, &encryption_key, &path))?;

@@ -116,7 +116,12 @@ impl ReadcapTable {
         file_key: &SymmetricKey,
     ) -> Result<(), CryptoError> {
         let id = ReadcapId::compute(algorithm, salt, reader);
-        let sealed = hpke::seal(reader, READCAP_INFO, &file.aad(b"readcap"), file_key.as_bytes())?;
+        let sealed = hpke::seal(
+            reader,
+            READCAP_INFO,
+            &file.aad(b"readcap"),
+            file_key.as_bytes(),
+        )?;
         self.entries.retain(|(existing, _)| *existing != id);
         self.entries.push((id, sealed));
         Ok(())
@@ -145,7 +150,14 @@ impl ReadcapTable {
         let sealed = self
             .find(salt, &store.encryption_public_key())
             .ok_or(ReadcapError::NoReadcap)?;
-        let key = store.hpke_open(sealed, READCAP_INFO, &file.aad(b"readcap"))?;
+        // A ciphertext that does not open is the entry's fault (tampered, or moved
+        // from another file), not the store's: report it as such.
+        let key = store
+            .hpke_open(sealed, READCAP_INFO, &file.aad(b"readcap"))
+            .map_err(|error| match error {
+                CredStoreError::Crypto(inner) => ReadcapError::Crypto(inner),
+                other => ReadcapError::Store(other),
+            })?;
         SymmetricKey::from_slice(&key).ok_or(ReadcapError::Crypto(CryptoError::DecryptFailed))
     }
 }
@@ -237,7 +249,8 @@ impl EpochKeyTable {
         let mut aad = file.aad(b"epoch");
         aad.extend_from_slice(&epoch.to_be_bytes());
         let wrapped = file_key.seal(&aad, key.as_bytes())?;
-        self.entries.insert(epoch, serde_bytes::ByteBuf::from(wrapped));
+        self.entries
+            .insert(epoch, serde_bytes::ByteBuf::from(wrapped));
         Ok(key)
     }
 

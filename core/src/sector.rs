@@ -118,7 +118,11 @@ pub struct SectorSealer {
 impl SectorSealer {
     /// A sealer for `epoch`, whose key has already sealed `seals_so_far` records
     /// (from the file's metadata).
-    pub fn new(epoch: u32, key: &SymmetricKey, seals_so_far: u64) -> Result<SectorSealer, SealError> {
+    pub fn new(
+        epoch: u32,
+        key: &SymmetricKey,
+        seals_so_far: u64,
+    ) -> Result<SectorSealer, SealError> {
         Ok(SectorSealer {
             epoch,
             key: aead_key(key)?,
@@ -149,7 +153,12 @@ impl SectorSealer {
 
     /// Seals `plaintext` as sector `id` into `record`, which must be exactly
     /// `plaintext.len() + RECORD_OVERHEAD` bytes. No intermediate copy.
-    pub fn seal(&self, id: &SectorId, plaintext: &[u8], record: &mut [u8]) -> Result<(), SealError> {
+    pub fn seal(
+        &self,
+        id: &SectorId,
+        plaintext: &[u8],
+        record: &mut [u8],
+    ) -> Result<(), SealError> {
         let expected = plaintext.len() + RECORD_OVERHEAD;
         if record.len() != expected {
             return Err(SealError::BufferSize {
@@ -166,7 +175,14 @@ impl SectorSealer {
         random_fill(nonce).map_err(|_| SealError::Internal)?;
         let nonce = Nonce::try_assume_unique_for_key(nonce).map_err(|_| SealError::Internal)?;
         self.key
-            .seal_out_of_place_scatter(nonce, Aad::from(id.to_bytes()), plaintext, ciphertext, &[], tag)
+            .seal_out_of_place_scatter(
+                nonce,
+                Aad::from(id.to_bytes()),
+                plaintext,
+                ciphertext,
+                &[],
+                tag,
+            )
             .map_err(|_| SealError::Internal)
     }
 
@@ -205,7 +221,12 @@ impl SectorOpener {
 
     /// Authenticates and decrypts `record` (sector `id`) into `plaintext`, which
     /// must be exactly [`SectorOpener::plaintext_len`] bytes.
-    pub fn open(&self, id: &SectorId, record: &[u8], plaintext: &mut [u8]) -> Result<(), SealError> {
+    pub fn open(
+        &self,
+        id: &SectorId,
+        record: &[u8],
+        plaintext: &mut [u8],
+    ) -> Result<(), SealError> {
         let expected = Self::plaintext_len(record.len())?;
         if plaintext.len() != expected {
             return Err(SealError::BufferSize {
@@ -219,8 +240,12 @@ impl SectorOpener {
             return Err(SealError::UnsupportedVersion(header[0]));
         }
         let epoch = u32::from_le_bytes([header[1], header[2], header[3], header[4]]);
-        let key = self.keys.get(&epoch).ok_or(SealError::UnknownEpoch(epoch))?;
-        let nonce = Nonce::try_assume_unique_for_key(&header[5..]).map_err(|_| SealError::Internal)?;
+        let key = self
+            .keys
+            .get(&epoch)
+            .ok_or(SealError::UnknownEpoch(epoch))?;
+        let nonce =
+            Nonce::try_assume_unique_for_key(&header[5..]).map_err(|_| SealError::Internal)?;
         key.open_separate_gather(nonce, Aad::from(id.to_bytes()), ciphertext, tag, plaintext)
             .map_err(|_| SealError::Tampered(*id))
     }
@@ -254,16 +279,28 @@ mod tests {
         let plaintext = vec![0x5au8; 4096];
         let record = sealer.seal_to_vec(&id(9), &plaintext).unwrap();
         assert_eq!(opener.open_to_vec(&id(9), &record).unwrap(), plaintext);
-        assert_eq!(opener.open_to_vec(&id(10), &record), Err(SealError::Tampered(id(10))));
+        assert_eq!(
+            opener.open_to_vec(&id(10), &record),
+            Err(SealError::Tampered(id(10)))
+        );
         for index in [RECORD_HEADER_LEN, 100, record.len() - 1] {
             let mut tampered = record.clone();
             tampered[index] ^= 1;
-            assert_eq!(opener.open_to_vec(&id(9), &tampered), Err(SealError::Tampered(id(9))));
+            assert_eq!(
+                opener.open_to_vec(&id(9), &tampered),
+                Err(SealError::Tampered(id(9)))
+            );
         }
         let mut other_epoch = record.clone();
         other_epoch[1] = 4;
-        assert_eq!(opener.open_to_vec(&id(9), &other_epoch), Err(SealError::UnknownEpoch(4)));
-        assert_eq!(opener.open_to_vec(&id(9), &record[..20]), Err(SealError::Truncated(20)));
+        assert_eq!(
+            opener.open_to_vec(&id(9), &other_epoch),
+            Err(SealError::UnknownEpoch(4))
+        );
+        assert_eq!(
+            opener.open_to_vec(&id(9), &record[..20]),
+            Err(SealError::Truncated(20))
+        );
     }
 
     #[test]
@@ -281,6 +318,9 @@ mod tests {
         let key = SymmetricKey::generate().unwrap();
         let sealer = SectorSealer::new(2, &key, EPOCH_SEAL_LIMIT - 1).unwrap();
         sealer.seal_to_vec(&id(0), b"last").unwrap();
-        assert_eq!(sealer.seal_to_vec(&id(0), b"one more"), Err(SealError::EpochExhausted(2)));
+        assert_eq!(
+            sealer.seal_to_vec(&id(0), b"one more"),
+            Err(SealError::EpochExhausted(2))
+        );
     }
 }

@@ -140,7 +140,9 @@ pub enum WritecapError {
         index: usize,
     },
     /// A certificate signed by someone other than the next certificate's subject.
-    #[error("certificate {index} was signed by {issuer}, but the next certificate was issued to {next_subject}")]
+    #[error(
+        "certificate {index} was signed by {issuer}, but the next certificate was issued to {next_subject}"
+    )]
     BrokenChain {
         /// Position of the certificate whose issuer does not match.
         index: usize,
@@ -158,7 +160,9 @@ pub enum WritecapError {
         covered: BtPath,
     },
     /// A certificate whose path is not inside the path of the next one.
-    #[error("certificate {index} covers {path}, which is not inside {issuer_path}, the path of its issuer's certificate")]
+    #[error(
+        "certificate {index} covers {path}, which is not inside {issuer_path}, the path of its issuer's certificate"
+    )]
     PathsNotNested {
         /// Position of the certificate that reaches too far.
         index: usize,

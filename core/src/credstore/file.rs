@@ -16,9 +16,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
-use super::{
-    CredStore, CredStoreError, EXPORT_INFO, ExportedRoot, KdfParams, RootPublicKeys,
-};
+use super::{CredStore, CredStoreError, EXPORT_INFO, ExportedRoot, KdfParams, RootPublicKeys};
 use crate::aead::random_fill;
 use crate::encoding::{self, Encodable, Kind};
 use crate::hpke::{self, HpkeSealed};
@@ -161,7 +159,9 @@ fn read_private(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>, CredStoreErro
             mode,
         });
     }
-    fs::read(path).map(|bytes| Some(Zeroizing::new(bytes))).map_err(io_error(path))
+    fs::read(path)
+        .map(|bytes| Some(Zeroizing::new(bytes)))
+        .map_err(io_error(path))
 }
 
 impl FileCredStore {
@@ -178,7 +178,9 @@ impl FileCredStore {
         if orphan_root.exists() {
             return Err(corrupt(
                 &orphan_root,
-                format!("root credentials without {RUNTIME_FILE} beside them; restore {RUNTIME_FILE} or move the root file away before creating a store here"),
+                format!(
+                    "root credentials without {RUNTIME_FILE} beside them; restore {RUNTIME_FILE} or move the root file away before creating a store here"
+                ),
             ));
         }
         fs::DirBuilder::new()
@@ -203,7 +205,8 @@ impl FileCredStore {
     pub fn open(dir: impl AsRef<Path>) -> Result<FileCredStore, CredStoreError> {
         let dir = dir.as_ref().to_owned();
         let runtime_path = dir.join(RUNTIME_FILE);
-        let bytes = read_private(&runtime_path)?.ok_or_else(|| CredStoreError::NotFound(dir.clone()))?;
+        let bytes =
+            read_private(&runtime_path)?.ok_or_else(|| CredStoreError::NotFound(dir.clone()))?;
         let runtime: RuntimeFile =
             encoding::decode(&bytes).map_err(|error| corrupt(&runtime_path, error))?;
         let signing = SigningKeyPair::from_pkcs8(&runtime.signing_pkcs8)
@@ -219,7 +222,9 @@ impl FileCredStore {
             Some(bytes) => {
                 let root: RootFile =
                     encoding::decode(&bytes).map_err(|error| corrupt(&root_path, error))?;
-                root.kdf.check().map_err(|error| corrupt(&root_path, error))?;
+                root.kdf
+                    .check()
+                    .map_err(|error| corrupt(&root_path, error))?;
                 Some(root)
             }
         };
@@ -253,7 +258,10 @@ impl FileCredStore {
             storage_scalar: self.storage.to_scalar()?.to_vec(),
             writecap: self.writecap.clone(),
         };
-        write_atomically(&self.dir.join(RUNTIME_FILE), &Zeroizing::new(encoding::encode(&runtime)))
+        write_atomically(
+            &self.dir.join(RUNTIME_FILE),
+            &Zeroizing::new(encoding::encode(&runtime)),
+        )
     }
 
     fn seal_root(
@@ -338,7 +346,12 @@ impl CredStore for FileCredStore {
 
     fn set_writecap(&mut self, writecap: Writecap) -> Result<(), CredStoreError> {
         let target = writecap.path().cloned().ok_or(WritecapError::Empty)?;
-        writecap.validate_for(&self.principal(), &target, Timestamp::now(), &RevocationList::new())?;
+        writecap.validate_for(
+            &self.principal(),
+            &target,
+            Timestamp::now(),
+            &RevocationList::new(),
+        )?;
         self.writecap = Some(writecap);
         self.save_runtime()
     }
@@ -412,7 +425,10 @@ impl CredStore for FileCredStore {
         }
         let key = exported.kdf.derive(password, &exported.salt)?;
         let inner = key
-            .open(&root_aad(EXPORT_OUTER_AAD, &exported.public), &exported.outer)
+            .open(
+                &root_aad(EXPORT_OUTER_AAD, &exported.public),
+                &exported.outer,
+            )
             .map_err(|_| CredStoreError::WrongPassword)?;
         let inner: HpkeSealed =
             postcard::from_bytes(&inner).map_err(|_| CredStoreError::NotForThisStore)?;

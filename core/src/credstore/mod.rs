@@ -33,7 +33,9 @@ use crate::writecap::{Writecap, WritecapError};
 #[derive(Debug, Error)]
 pub enum CredStoreError {
     /// No store at the given place.
-    #[error("no credential store at {0} (create one with `blocktree provision new-runtime --store {0}`)")]
+    #[error(
+        "no credential store at {0} (create one with `blocktree provision new-runtime --store {0}`)"
+    )]
     NotFound(PathBuf),
     /// A store already exists where a new one was to be created.
     #[error("a credential store already exists at {0}")]
@@ -47,7 +49,9 @@ pub enum CredStoreError {
         reason: String,
     },
     /// A store file readable or writable by others.
-    #[error("credential store file {file} has mode {mode:o}; it must not be accessible to group or others (chmod 600)")]
+    #[error(
+        "credential store file {file} has mode {mode:o}; it must not be accessible to group or others (chmod 600)"
+    )]
     InsecurePermissions {
         /// The file.
         file: PathBuf,
