@@ -1,0 +1,474 @@
+//! The [`Engine`] handle: configuration, opening, and routing requests to shards.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use blocktree_core::sector::SectorId;
+use crossbeam_channel::Sender;
+
+use crate::error::EngineError;
+use crate::key::{KeyDeriver, shard_of};
+use crate::pending::Pending;
+use crate::record::{Key, MAX_PAYLOAD, MAX_SHARDS};
+use crate::shard::{BatchPart, BatchTracker, Request, ShardStats};
+use crate::superblock::Superblock;
+use crate::{recovery, shard};
+
+/// How an engine lays out and writes its store.
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// The store directory.
+    pub dir: PathBuf,
+    /// Shards, one thread each; default: the number of CPUs. Fixed when the store
+    /// is created (a store remembers it in its layout).
+    pub shards: usize,
+    /// Bytes per segment file.
+    pub segment_bytes: u64,
+    /// The largest chunk one group commit writes.
+    pub chunk_bytes: usize,
+    /// Open segments with O_DIRECT (falls back to buffered I/O with a warning where
+    /// the file system refuses it).
+    pub direct_io: bool,
+}
+
+impl EngineConfig {
+    /// Defaults for a store in `dir`: a shard per CPU, 256 MiB segments, 2 MiB chunks.
+    pub fn new(dir: impl Into<PathBuf>) -> EngineConfig {
+        let shards = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+            .min(MAX_SHARDS);
+        EngineConfig {
+            dir: dir.into(),
+            shards,
+            segment_bytes: 256 << 20,
+            chunk_bytes: 2 << 20,
+            direct_io: true,
+        }
+    }
+
+    fn check(&self) -> Result<(), EngineError> {
+        let problem = if self.shards == 0 || self.shards > MAX_SHARDS {
+            Some(format!("shards must be 1..={MAX_SHARDS}"))
+        } else if self.chunk_bytes < (64 << 10) || !self.chunk_bytes.is_multiple_of(4096) {
+            Some("chunk_bytes must be a multiple of 4 KiB, at least 64 KiB".into())
+        } else if self.segment_bytes < 2 * self.chunk_bytes as u64 {
+            Some("segment_bytes must hold at least two chunks".into())
+        } else if self.segment_bytes > (16u64 << 30) {
+            Some("segment_bytes must be at most 16 GiB".into())
+        } else {
+            None
+        };
+        problem.map_or(Ok(()), |problem| Err(EngineError::Config(problem)))
+    }
+}
+
+/// Sectors to write (or delete) atomically.
+#[derive(Clone, Debug, Default)]
+pub struct WriteBatch {
+    pub(crate) ops: Vec<(SectorId, Option<Vec<u8>>)>,
+}
+
+impl WriteBatch {
+    /// An empty batch.
+    pub fn new() -> WriteBatch {
+        WriteBatch::default()
+    }
+
+    /// Stores `data` as the contents of `id`.
+    pub fn put(&mut self, id: SectorId, data: Vec<u8>) -> &mut Self {
+        self.ops.push((id, Some(data)));
+        self
+    }
+
+    /// Removes `id`; reading it afterwards finds nothing.
+    pub fn delete(&mut self, id: SectorId) -> &mut Self {
+        self.ops.push((id, None));
+        self
+    }
+
+    /// Number of operations.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// True if the batch does nothing.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// What the engine holds, summed over its shards.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EngineStats {
+    /// Sectors that read back data.
+    pub live_sectors: u64,
+    /// Payload bytes of those sectors.
+    pub live_bytes: u64,
+    /// Bytes of segment files on disk.
+    pub disk_bytes: u64,
+    /// Segment files.
+    pub segments: u64,
+    /// Heap bytes of the in-memory index.
+    pub index_bytes: u64,
+}
+
+struct Inner {
+    dir: PathBuf,
+    keys: KeyDeriver,
+    shards: Vec<Sender<Request>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    superblock: Mutex<Superblock>,
+    next_batch: AtomicU64,
+}
+
+/// A store of sectors for one generation. Cheap to clone; every clone talks to
+/// the same shard threads.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// Creates a new, empty store for `generation` in `config.dir`.
+    pub fn create(config: EngineConfig, generation: u64) -> Result<Engine, EngineError> {
+        config.check()?;
+        std::fs::create_dir_all(&config.dir).map_err(EngineError::io("creating", &config.dir))?;
+        if Superblock::load(&config.dir)?.is_some() {
+            return Err(EngineError::Layout(format!(
+                "{} already holds a sector store",
+                config.dir.display()
+            )));
+        }
+        recovery::write_layout(&config)?;
+        let superblock = Superblock::new(generation)?;
+        superblock.store(&config.dir)?;
+        Engine::start(config, superblock)
+    }
+
+    /// Opens the store in `config.dir`, recovering it after a crash.
+    pub fn open(config: EngineConfig) -> Result<Engine, EngineError> {
+        let superblock = Superblock::load(&config.dir)?.ok_or_else(|| {
+            EngineError::Layout(format!("no sector store in {}", config.dir.display()))
+        })?;
+        let mut config = config;
+        config.shards = recovery::read_layout(&config)?;
+        config.check()?;
+        Engine::start(config, superblock)
+    }
+
+    /// Opens the store in `config.dir`, creating it for `generation` if it has none.
+    pub fn open_or_create(config: EngineConfig, generation: u64) -> Result<Engine, EngineError> {
+        if Superblock::load(&config.dir)?.is_some() {
+            Engine::open(config)
+        } else {
+            Engine::create(config, generation)
+        }
+    }
+
+    fn start(config: EngineConfig, superblock: Superblock) -> Result<Engine, EngineError> {
+        let keys = KeyDeriver::new(superblock.salt);
+        let recovered = recovery::recover(&config)?;
+        let next_batch = recovered.next_batch;
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..config.shards)
+            .map(|_| crossbeam_channel::unbounded())
+            .unzip();
+        let mut threads = Vec::with_capacity(config.shards);
+        for ((shard_id, receiver), state) in receivers.into_iter().enumerate().zip(recovered.shards)
+        {
+            let peers = senders.clone();
+            let config = config.clone();
+            let thread = std::thread::Builder::new()
+                .name(format!("btengine-{shard_id}"))
+                .spawn(move || shard::run(shard_id, config, state, receiver, peers))
+                .map_err(EngineError::io(
+                    "spawning a shard thread for",
+                    &config_dir(shard_id),
+                ))?;
+            threads.push(thread);
+        }
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                dir: config.dir,
+                keys,
+                shards: senders,
+                threads: Mutex::new(threads),
+                superblock: Mutex::new(superblock),
+                next_batch: AtomicU64::new(next_batch),
+            }),
+        })
+    }
+
+    /// The generation this store holds.
+    pub fn generation(&self) -> u64 {
+        self.superblock().generation
+    }
+
+    fn superblock(&self) -> Superblock {
+        match self.inner.superblock.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Hands out the next free inode, durably (the superblock is rewritten before
+    /// the inode is returned, so no inode is ever handed out twice).
+    pub fn allocate_inode(&self) -> Result<u64, EngineError> {
+        let mut guard = match self.inner.superblock.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let inode = guard.next_inode;
+        let mut next = guard.clone();
+        next.next_inode = inode + 1;
+        next.store(&self.inner.dir)?;
+        *guard = next;
+        Ok(inode)
+    }
+
+    fn route(&self, id: &SectorId) -> (Key, usize) {
+        let key = self.inner.keys.key(id);
+        (key, shard_of(&key, self.inner.shards.len()))
+    }
+
+    fn send(&self, shard: usize, request: Request) -> Result<(), EngineError> {
+        self.inner.shards[shard]
+            .send(request)
+            .map_err(|_| EngineError::Closed)
+    }
+
+    /// Reads sector `id`: `None` if it was never written or was deleted; an error
+    /// if its record fails its checksum.
+    pub fn read(&self, id: SectorId) -> Pending<Option<Vec<u8>>> {
+        let (key, shard) = self.route(&id);
+        let (reply, pending) = Pending::channel();
+        match self.send(shard, Request::Read { key, id, reply }) {
+            Ok(()) => pending,
+            Err(error) => Pending::ready(Err(error)),
+        }
+    }
+
+    /// Writes `batch` atomically. Completes once the batch is in the log and
+    /// visible to reads; it survives a crash of this process, but only a later
+    /// [`Engine::flush`] (or [`Engine::write_durable`]) makes it survive power loss.
+    pub fn write(&self, batch: WriteBatch) -> Pending<()> {
+        self.submit(batch, false)
+    }
+
+    /// Writes `batch` atomically and completes only once it is durable (it shares
+    /// the `fdatasync` of its round with every other flush: group commit).
+    pub fn write_durable(&self, batch: WriteBatch) -> Pending<()> {
+        self.submit(batch, true)
+    }
+
+    /// Completes once every write that completed before this call is durable.
+    pub fn flush(&self) -> Pending<()> {
+        let (dones, pending) = fan_in(self.inner.shards.len());
+        for (shard, done) in dones.into_iter().enumerate() {
+            if let Err(error) = self.send(shard, Request::Flush { done }) {
+                return Pending::ready(Err(error));
+            }
+        }
+        pending
+    }
+
+    fn submit(&self, batch: WriteBatch, durable: bool) -> Pending<()> {
+        if batch.is_empty() {
+            return Pending::ready(Ok(()));
+        }
+        if let Some(len) = batch
+            .ops
+            .iter()
+            .filter_map(|(_, data)| data.as_ref().map(Vec::len))
+            .find(|len| *len > MAX_PAYLOAD)
+        {
+            return Pending::ready(Err(EngineError::TooLarge {
+                len,
+                max: MAX_PAYLOAD,
+            }));
+        }
+        let shards = self.inner.shards.len();
+        let mut parts: Vec<Vec<(Key, Option<Vec<u8>>)>> = vec![Vec::new(); shards];
+        for (id, data) in batch.ops {
+            let (key, shard) = self.route(&id);
+            parts[shard].push((key, data));
+        }
+        let mask = parts
+            .iter()
+            .enumerate()
+            .filter(|(_, part)| !part.is_empty())
+            .fold(0u32, |mask, (shard, _)| mask | (1 << shard));
+        let batch_id = self.inner.next_batch.fetch_add(1, Ordering::Relaxed);
+        let tracker = (mask.count_ones() > 1)
+            .then(|| Arc::new(BatchTracker::new(batch_id, mask, self.inner.shards.clone())));
+        let (dones, pending) = fan_in(mask.count_ones() as usize);
+        let parts = parts
+            .into_iter()
+            .enumerate()
+            .filter(|(_, records)| !records.is_empty());
+        for ((shard, records), done) in parts.zip(dones) {
+            let part = BatchPart {
+                batch: batch_id,
+                shards: mask,
+                records,
+                durable,
+                tracker: tracker.clone(),
+                done,
+            };
+            if let Err(error) = self.send(shard, Request::Write(part)) {
+                // The shard is gone: its part will never be written, so the batch
+                // can never complete on the other shards either.
+                if let Some(tracker) = &tracker {
+                    tracker.part_written(false);
+                }
+                return Pending::ready(Err(error));
+            }
+        }
+        pending
+    }
+
+    /// Sector counts and sizes, summed over the shards.
+    pub fn stats(&self) -> Result<EngineStats, EngineError> {
+        let mut total = EngineStats::default();
+        for shard in 0..self.inner.shards.len() {
+            let (reply, pending) = Pending::channel();
+            self.send(shard, Request::Stats { reply })?;
+            let ShardStats {
+                live_sectors,
+                live_bytes,
+                disk_bytes,
+                segments,
+                index_bytes,
+            } = pending.wait()?;
+            total.live_sectors += live_sectors;
+            total.live_bytes += live_bytes;
+            total.disk_bytes += disk_bytes;
+            total.segments += segments;
+            total.index_bytes += index_bytes;
+        }
+        Ok(total)
+    }
+
+    /// Stops the shard threads after they finish what they were given. Other
+    /// clones of this handle get [`EngineError::Closed`] afterwards.
+    pub fn shutdown(&self) -> Result<(), EngineError> {
+        for sender in &self.inner.shards {
+            let (dones, pending) = fan_in(1);
+            for done in dones {
+                if sender.send(Request::Shutdown { done }).is_ok() {
+                    let _ = pending.wait();
+                    break;
+                }
+            }
+        }
+        let threads = match self.inner.threads.lock() {
+            Ok(mut guard) => std::mem::take(&mut *guard),
+            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
+        };
+        for thread in threads {
+            let _ = thread.join();
+        }
+        Ok(())
+    }
+}
+
+fn config_dir(shard: usize) -> PathBuf {
+    PathBuf::from(format!("shard-{shard}"))
+}
+
+/// A completion callback for a write or flush part; the shard calls it once.
+pub(crate) type Done = Box<dyn FnOnce(Result<(), EngineError>) + Send>;
+
+/// `count` completion callbacks and one `Pending` that completes when all of them
+/// have been called, with the first error any reported.
+fn fan_in(count: usize) -> (Vec<Done>, Pending<()>) {
+    let (reply, pending) = Pending::channel();
+    let cell = Arc::new(JoinCell {
+        remaining: AtomicU64::new(count as u64),
+        state: Mutex::new((None, Some(reply))),
+    });
+    let dones = (0..count)
+        .map(|_| {
+            let cell = Arc::clone(&cell);
+            Box::new(move |result| cell.complete(result)) as Done
+        })
+        .collect();
+    (dones, pending)
+}
+
+/// The first error reported so far, and where to send the outcome.
+type JoinState = (
+    Option<EngineError>,
+    Option<oneshot::Sender<Result<(), EngineError>>>,
+);
+
+struct JoinCell {
+    remaining: AtomicU64,
+    state: Mutex<JoinState>,
+}
+
+impl JoinCell {
+    fn complete(&self, result: Result<(), EngineError>) {
+        let mut state = match self.state.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Err(error) = result {
+            state.0.get_or_insert(error);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
+            && let Some(reply) = state.1.take()
+        {
+            let _ = reply.send(state.0.take().map_or(Ok(()), Err));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use blocktree_core::sector::SectorKind;
+
+    fn id(inode: u64, index: u64) -> SectorId {
+        SectorId {
+            generation: 1,
+            inode,
+            sector: SectorKind::Data(index),
+        }
+    }
+
+    #[test]
+    fn write_read_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = EngineConfig::new(dir.path());
+        config.shards = 2;
+        config.segment_bytes = 4 << 20;
+        config.chunk_bytes = 256 << 10;
+        let engine = Engine::create(config.clone(), 7).unwrap();
+        let mut batch = WriteBatch::new();
+        for index in 0..100 {
+            batch.put(id(3, index), vec![index as u8; 4096]);
+        }
+        engine.write_durable(batch).wait().unwrap();
+        assert_eq!(engine.read(id(3, 5)).wait().unwrap(), Some(vec![5u8; 4096]));
+        assert_eq!(engine.read(id(4, 5)).wait().unwrap(), None);
+        let mut batch = WriteBatch::new();
+        batch.delete(id(3, 6)).put(id(3, 7), vec![0xaa; 100]);
+        engine.write(batch).wait().unwrap();
+        engine.flush().wait().unwrap();
+        assert_eq!(engine.read(id(3, 6)).wait().unwrap(), None);
+        assert_eq!(engine.stats().unwrap().live_sectors, 99);
+        engine.shutdown().unwrap();
+        drop(engine);
+
+        let engine = Engine::open(config).unwrap();
+        assert_eq!(engine.generation(), 7);
+        assert_eq!(engine.read(id(3, 5)).wait().unwrap(), Some(vec![5u8; 4096]));
+        assert_eq!(engine.read(id(3, 6)).wait().unwrap(), None);
+        assert_eq!(engine.read(id(3, 7)).wait().unwrap(), Some(vec![0xaa; 100]));
+        assert_eq!(engine.stats().unwrap().live_sectors, 99);
+        engine.shutdown().unwrap();
+    }
+}

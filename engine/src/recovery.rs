@@ -1,0 +1,240 @@
+//! Opening a store: the layout file, and rebuilding each shard's index from its
+//! log after a clean stop or a crash.
+//!
+//! Every shard's segments are scanned in order. A record counts only if its whole
+//! batch is present: for every shard the batch names, that shard's log holds as
+//! many of its records as the batch said (`part_len`). A batch cut short by a
+//! crash is dropped everywhere, so after a crash each batch holds its old or its
+//! new contents, never a mix. Records whose payload fails its checksum are kept
+//! in the index when their chunk was synced (they are refused on read: corruption
+//! is reported, not papered over with an older version) and treated as never
+//! written when it was not (a torn write of a batch no one was told is durable).
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::Path;
+
+use crate::engine::EngineConfig;
+use crate::error::EngineError;
+use crate::index::{Index, Loc, MAX_SEGMENT};
+use crate::record::{self, BLOCK, ChunkHeader, Key, RecordError, RecordKind};
+use crate::segment::{self, Segment};
+
+const LAYOUT_FILE: &str = "layout";
+
+/// Records the number of shards of a new store: keys are routed by it.
+pub(crate) fn write_layout(config: &EngineConfig) -> Result<(), EngineError> {
+    let path = config.dir.join(LAYOUT_FILE);
+    fs::write(&path, format!("shards {}\n", config.shards))
+        .map_err(EngineError::io("writing", &path))?;
+    for shard in 0..config.shards {
+        let dir = segment::shard_dir(&config.dir, shard);
+        fs::create_dir_all(&dir).map_err(EngineError::io("creating", &dir))?;
+    }
+    fs::File::open(&config.dir)
+        .and_then(|dir| dir.sync_all())
+        .map_err(EngineError::io("syncing", &config.dir))
+}
+
+/// The number of shards the store was created with.
+pub(crate) fn read_layout(config: &EngineConfig) -> Result<usize, EngineError> {
+    let path = config.dir.join(LAYOUT_FILE);
+    let text = fs::read_to_string(&path).map_err(EngineError::io("reading", &path))?;
+    text.trim()
+        .strip_prefix("shards ")
+        .and_then(|count| count.parse().ok())
+        .ok_or_else(|| EngineError::Damaged {
+            path,
+            reason: format!("expected 'shards N', found {text:?}"),
+        })
+}
+
+/// What one shard starts from.
+pub(crate) struct ShardState {
+    pub index: Index,
+    pub segments: BTreeMap<u32, Segment>,
+    pub next_segment: u32,
+    pub next_sequence: u64,
+}
+
+/// What opening a store found.
+pub(crate) struct Recovered {
+    pub shards: Vec<ShardState>,
+    pub next_batch: u64,
+}
+
+struct Found {
+    key: Key,
+    kind: RecordKind,
+    batch: u64,
+    loc: Loc,
+}
+
+#[derive(Default)]
+struct BatchShape {
+    shards: u32,
+    expected: HashMap<usize, u32>,
+    found: HashMap<usize, u32>,
+}
+
+impl BatchShape {
+    fn complete(&self) -> bool {
+        (0..32)
+            .filter(|shard| self.shards & (1 << shard) != 0)
+            .all(|shard| {
+                let expected = self.expected.get(&shard);
+                expected.is_some() && expected == self.found.get(&shard)
+            })
+    }
+}
+
+/// Scans every shard's log and rebuilds its index.
+pub(crate) fn recover(config: &EngineConfig) -> Result<Recovered, EngineError> {
+    let mut found: Vec<Vec<Found>> = Vec::with_capacity(config.shards);
+    let mut segments: Vec<BTreeMap<u32, Segment>> = Vec::with_capacity(config.shards);
+    let mut sequences = Vec::with_capacity(config.shards);
+    let mut batches: HashMap<u64, BatchShape> = HashMap::new();
+    let mut next_batch = 1u64;
+
+    for shard in 0..config.shards {
+        let dir = segment::shard_dir(&config.dir, shard);
+        fs::create_dir_all(&dir).map_err(EngineError::io("creating", &dir))?;
+        let mut shard_found = Vec::new();
+        let mut shard_segments = BTreeMap::new();
+        let mut scan = ScanState::default();
+        for id in segment::list(&dir)? {
+            scan_segment(&segment::segment_path(&dir, id), id, &mut scan)?;
+            shard_segments.insert(id, Segment::open(&dir, id, config.direct_io)?);
+        }
+        // Torn tail: records of chunks that were never synced and fail a check
+        // were dropped by the scan; the rest are candidates.
+        for record in scan.records {
+            let shape = batches.entry(record.batch).or_default();
+            shape.shards |= record.shards;
+            shape.expected.insert(shard, record.part_len);
+            *shape.found.entry(shard).or_default() += 1;
+            next_batch = next_batch.max(record.batch + 1);
+            shard_found.push(Found {
+                key: record.key,
+                kind: record.kind,
+                batch: record.batch,
+                loc: record.loc,
+            });
+        }
+        next_batch = next_batch.max(scan.max_batch + 1);
+        found.push(shard_found);
+        segments.push(shard_segments);
+        sequences.push(scan.last_sequence + 1);
+    }
+
+    let mut shards = Vec::with_capacity(config.shards);
+    for ((records, mut shard_segments), next_sequence) in
+        found.into_iter().zip(segments).zip(sequences)
+    {
+        let mut index = Index::default();
+        for record in records {
+            if !batches.get(&record.batch).is_some_and(BatchShape::complete) {
+                continue;
+            }
+            let previous = match record.kind {
+                RecordKind::Put => {
+                    if let Some(segment) = shard_segments.get_mut(&record.loc.segment) {
+                        segment.live_bytes += record.loc.len as u64;
+                    }
+                    index.insert(record.key, record.loc)
+                }
+                RecordKind::Delete => index.remove(&record.key),
+            };
+            if let Some(previous) = previous
+                && let Some(segment) = shard_segments.get_mut(&previous.segment)
+            {
+                segment.live_bytes = segment.live_bytes.saturating_sub(previous.len as u64);
+            }
+        }
+        let next_segment = shard_segments.keys().next_back().map_or(1, |last| last + 1);
+        if next_segment > MAX_SEGMENT {
+            return Err(EngineError::Layout(
+                "a shard has used up its segment numbers".into(),
+            ));
+        }
+        shards.push(ShardState {
+            index,
+            segments: shard_segments,
+            next_segment,
+            next_sequence,
+        });
+    }
+    Ok(Recovered { shards, next_batch })
+}
+
+struct ScannedRecord {
+    key: Key,
+    kind: RecordKind,
+    batch: u64,
+    part_len: u32,
+    shards: u32,
+    loc: Loc,
+    sequence: u64,
+    intact: bool,
+}
+
+#[derive(Default)]
+struct ScanState {
+    records: Vec<ScannedRecord>,
+    last_sequence: u64,
+    synced_through: u64,
+    max_batch: u64,
+}
+
+fn scan_segment(path: &Path, id: u32, scan: &mut ScanState) -> Result<(), EngineError> {
+    let bytes = fs::read(path).map_err(EngineError::io("reading segment", path))?;
+    let mut position = 0usize;
+    let first_new = scan.records.len();
+    while position + record::CHUNK_HEADER_LEN <= bytes.len() {
+        let header = match ChunkHeader::parse(&bytes[position..]) {
+            Ok(header) if header.sequence > scan.last_sequence => header,
+            // Unwritten space, a torn header or a stale chunk: look at the next block.
+            Ok(_) | Err(RecordError::NoMagic | RecordError::Checksum | RecordError::Version(_)) => {
+                position += BLOCK;
+                continue;
+            }
+            Err(_) => {
+                position += BLOCK;
+                continue;
+            }
+        };
+        let end = (position + header.disk_len()).min(bytes.len());
+        if let Ok((_, entries)) = record::parse_chunk(&bytes[position..end]) {
+            for (offset, entry) in entries {
+                // A record whose header fails names no key: nothing to index.
+                let Ok(parsed) = entry else { continue };
+                scan.max_batch = scan.max_batch.max(parsed.header.batch);
+                scan.records.push(ScannedRecord {
+                    key: parsed.header.key,
+                    kind: parsed.header.kind,
+                    batch: parsed.header.batch,
+                    part_len: parsed.header.part_len,
+                    shards: parsed.header.shards,
+                    loc: Loc {
+                        segment: id,
+                        offset: (position + offset) as u64,
+                        len: parsed.header.payload_len,
+                    },
+                    sequence: header.sequence,
+                    intact: parsed.payload_intact,
+                });
+            }
+        }
+        scan.last_sequence = header.sequence;
+        scan.synced_through = scan.synced_through.max(header.synced_through);
+        position += header.disk_len().max(BLOCK);
+    }
+    // A damaged payload in a chunk that was synced is corruption: keep the record
+    // so reads report it. In a chunk never synced it is a torn write: drop it, and
+    // with it its batch.
+    let synced = scan.synced_through;
+    let mut kept = scan.records.split_off(first_new);
+    kept.retain(|record| record.intact || record.sequence <= synced);
+    scan.records.extend(kept);
+    Ok(())
+}

@@ -1,0 +1,130 @@
+//! Segment files: the pieces of a shard's log.
+//!
+//! A segment is preallocated with `fallocate` when it is opened for writing, so
+//! running out of space shows up there, before any record is written, and an
+//! `fdatasync` after a write into it need not grow the file.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::error::EngineError;
+
+/// The directory of shard `shard` in the store at `dir`.
+pub(crate) fn shard_dir(dir: &Path, shard: usize) -> PathBuf {
+    dir.join(format!("shard-{shard}"))
+}
+
+/// The path of segment `id` in `shard_dir`.
+pub(crate) fn segment_path(shard_dir: &Path, id: u32) -> PathBuf {
+    shard_dir.join(format!("{id:08}.seg"))
+}
+
+/// The segment numbers present in `shard_dir`, ascending.
+pub(crate) fn list(shard_dir: &Path) -> Result<Vec<u32>, EngineError> {
+    let mut ids = Vec::new();
+    let entries = fs::read_dir(shard_dir).map_err(EngineError::io("listing", shard_dir))?;
+    for entry in entries {
+        let entry = entry.map_err(EngineError::io("listing", shard_dir))?;
+        let name = entry.file_name();
+        let Some(stem) = name.to_str().and_then(|name| name.strip_suffix(".seg")) else {
+            continue;
+        };
+        if let Ok(id) = stem.parse::<u32>() {
+            ids.push(id);
+        }
+    }
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// An open segment file.
+pub(crate) struct Segment {
+    pub id: u32,
+    pub file: Arc<File>,
+    /// Bytes allocated on disk.
+    pub size: u64,
+    /// Payload bytes of the records the index still points to.
+    pub live_bytes: u64,
+}
+
+fn open_options(direct: bool) -> OpenOptions {
+    let mut options = OpenOptions::new();
+    options.read(true).write(true);
+    if direct {
+        options.custom_flags(libc::O_DIRECT);
+    }
+    options
+}
+
+impl Segment {
+    /// Creates segment `id` of `size` bytes, allocating all of it now.
+    pub fn create(
+        shard_dir: &Path,
+        id: u32,
+        size: u64,
+        direct: bool,
+    ) -> Result<Segment, EngineError> {
+        let path = segment_path(shard_dir, id);
+        let file = open_options(direct)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .or_else(|error| {
+                // Some file systems refuse O_DIRECT; buffered I/O still works.
+                if direct && error.raw_os_error() == Some(libc::EINVAL) {
+                    tracing::warn!(path = %path.display(), "O_DIRECT refused; using buffered I/O");
+                    open_options(false).create_new(true).mode(0o600).open(&path)
+                } else {
+                    Err(error)
+                }
+            })
+            .map_err(EngineError::io("creating segment", &path))?;
+        // SAFETY: fallocate on a file descriptor we own, with a length that fits
+        // in off_t (segment sizes are capped at 16 GiB by the configuration).
+        let result = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
+        if result != 0 {
+            let error = std::io::Error::last_os_error();
+            drop(file);
+            let _ = fs::remove_file(&path);
+            return Err(EngineError::io("allocating segment", &path)(error));
+        }
+        // The new name must survive a crash before anything in it is trusted.
+        File::open(shard_dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(EngineError::io("syncing", shard_dir))?;
+        Ok(Segment {
+            id,
+            file: Arc::new(file),
+            size,
+            live_bytes: 0,
+        })
+    }
+
+    /// Opens an existing segment.
+    pub fn open(shard_dir: &Path, id: u32, direct: bool) -> Result<Segment, EngineError> {
+        let path = segment_path(shard_dir, id);
+        let file = open_options(direct)
+            .open(&path)
+            .or_else(|error| {
+                if direct && error.raw_os_error() == Some(libc::EINVAL) {
+                    open_options(false).open(&path)
+                } else {
+                    Err(error)
+                }
+            })
+            .map_err(EngineError::io("opening segment", &path))?;
+        let size = file
+            .metadata()
+            .map_err(EngineError::io("reading metadata of", &path))?
+            .len();
+        Ok(Segment {
+            id,
+            file: Arc::new(file),
+            size,
+            live_bytes: 0,
+        })
+    }
+}

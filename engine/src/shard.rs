@@ -1,0 +1,1046 @@
+//! One shard: a thread that owns a ring, a set of segments and an index.
+//!
+//! The loop takes every request waiting on its channel, packs all the writes of
+//! the round into one chunk (a second chunk only when the first is full), submits
+//! the chunk writes, reads and at most one round of `fdatasync` to the ring, and
+//! waits for completions. Requests that arrive while I/O is in flight wait in the
+//! channel and form the next round: that is the group commit.
+//!
+//! A write becomes visible (enters the index) when its chunk is written; for a
+//! batch that spans shards, only when every shard has written its part
+//! ([`BatchTracker`]). A write is reported durable only after an `fdatasync`
+//! that started after its chunk was written.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+use blocktree_core::sector::SectorId;
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use io_uring::{opcode, types};
+
+use crate::engine::{Done, EngineConfig};
+use crate::error::EngineError;
+use crate::index::{Index, Loc, MAX_SEGMENT};
+use crate::record::{
+    self, BLOCK, CHUNK_HEADER_LEN, ChunkBuilder, Key, RECORD_HEADER_LEN, RecordHeader, RecordKind,
+    align_up, record_footprint,
+};
+use crate::recovery::ShardState;
+use crate::segment::{self, Segment};
+use crate::uring::{AlignedBuf, Ring};
+
+/// Ring slots per shard.
+const RING_ENTRIES: u32 = 256;
+/// Registered chunk buffers per shard: how many group-commit chunks can be in
+/// flight at once.
+const CHUNK_BUFFERS: usize = 4;
+/// Registered read buffers per shard, and their size.
+const READ_BUFFERS: usize = 64;
+const READ_SLOT: usize = 128 << 10;
+/// Requests taken from the channel per round, so completions are never starved.
+const MAX_DRAIN: usize = 4096;
+
+type ReadReply = oneshot::Sender<Result<Option<Vec<u8>>, EngineError>>;
+
+/// A message to a shard.
+pub(crate) enum Request {
+    Read {
+        key: Key,
+        id: SectorId,
+        reply: ReadReply,
+    },
+    Write(BatchPart),
+    /// Every shard of a multi-shard batch has written its part (or one failed).
+    Resolve {
+        batch: u64,
+        commit: bool,
+    },
+    Flush {
+        done: Done,
+    },
+    Stats {
+        reply: oneshot::Sender<Result<ShardStats, EngineError>>,
+    },
+    Shutdown {
+        done: Done,
+    },
+}
+
+/// This shard's records of a batch.
+pub(crate) struct BatchPart {
+    pub batch: u64,
+    pub shards: u32,
+    pub records: Vec<(Key, Option<Vec<u8>>)>,
+    pub durable: bool,
+    pub tracker: Option<Arc<BatchTracker>>,
+    pub done: Done,
+}
+
+/// Counts the parts of a multi-shard batch and tells every shard the outcome.
+pub(crate) struct BatchTracker {
+    batch: u64,
+    shards: u32,
+    remaining: AtomicU32,
+    failed: AtomicBool,
+    peers: Vec<Sender<Request>>,
+}
+
+impl BatchTracker {
+    pub fn new(batch: u64, shards: u32, peers: Vec<Sender<Request>>) -> BatchTracker {
+        BatchTracker {
+            batch,
+            shards,
+            remaining: AtomicU32::new(shards.count_ones()),
+            failed: AtomicBool::new(false),
+            peers,
+        }
+    }
+
+    /// Called once per part, when it is written (and synced, if durable) or failed.
+    pub fn part_written(&self, ok: bool) {
+        if !ok {
+            self.failed.store(true, Ordering::Release);
+        }
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let commit = !self.failed.load(Ordering::Acquire);
+            for (shard, peer) in self.peers.iter().enumerate() {
+                if self.shards & (1 << shard) != 0 {
+                    let _ = peer.send(Request::Resolve {
+                        batch: self.batch,
+                        commit,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// One shard's share of [`crate::EngineStats`].
+pub(crate) struct ShardStats {
+    pub live_sectors: u64,
+    pub live_bytes: u64,
+    pub disk_bytes: u64,
+    pub segments: u64,
+    pub index_bytes: u64,
+}
+
+enum Buffer {
+    Fixed(u16),
+    Owned(AlignedBuf),
+}
+
+struct Building {
+    buffer: Buffer,
+    used: usize,
+    records: u32,
+    members: Vec<(usize, usize)>,
+}
+
+struct PartRecord {
+    key: Key,
+    kind: RecordKind,
+    len: u32,
+    loc: Option<Loc>,
+}
+
+struct PartState {
+    batch: u64,
+    shards: u32,
+    durable: bool,
+    tracker: Option<Arc<BatchTracker>>,
+    done: Option<Done>,
+    records: Vec<PartRecord>,
+    chunks_left: usize,
+    error: Option<EngineError>,
+}
+
+enum Op {
+    WriteChunk {
+        buffer: Buffer,
+        segment: u32,
+        position: u64,
+        sequence: u64,
+        len: usize,
+        members: Vec<(usize, usize)>,
+    },
+    Read {
+        key: Key,
+        id: SectorId,
+        loc: Loc,
+        start: u64,
+        len: usize,
+        buffer: Buffer,
+        reply: ReadReply,
+    },
+    Fsync,
+}
+
+struct SyncRound {
+    waiters: Vec<Done>,
+    remaining: usize,
+    covers: u64,
+    error: Option<EngineError>,
+}
+
+struct Shard {
+    config: EngineConfig,
+    dir: PathBuf,
+    ring: Ring,
+    index: Index,
+    segments: BTreeMap<u32, Segment>,
+    active: Option<u32>,
+    write_position: u64,
+    next_segment: u32,
+    next_sequence: u64,
+    synced_through: u64,
+    writes_in_flight: BTreeSet<u64>,
+    free_chunks: Vec<u16>,
+    free_reads: Vec<u16>,
+    building: Option<Building>,
+    ops: Vec<Option<Op>>,
+    free_ops: Vec<usize>,
+    in_flight: usize,
+    parts: Vec<Option<PartState>>,
+    free_parts: Vec<usize>,
+    awaiting_resolve: HashMap<u64, usize>,
+    recent_deletes: HashMap<Key, Loc>,
+    queued_writes: VecDeque<BatchPart>,
+    queued_reads: VecDeque<(Key, SectorId, ReadReply)>,
+    sync_waiters: Vec<Done>,
+    sync: Option<SyncRound>,
+    dirty: BTreeSet<u32>,
+    shutdown: Option<Done>,
+}
+
+/// The shard thread's body.
+pub(crate) fn run(
+    id: usize,
+    config: EngineConfig,
+    state: ShardState,
+    requests: Receiver<Request>,
+    _peers: Vec<Sender<Request>>,
+) {
+    let mut shard = match Shard::new(id, config, state) {
+        Ok(shard) => shard,
+        Err(error) => {
+            tracing::error!(shard = id, %error, "sector engine shard failed to start");
+            for request in requests {
+                refuse(request, || {
+                    EngineError::Layout(format!("shard {id} failed to start: {error}"))
+                });
+            }
+            return;
+        }
+    };
+    if let Err(error) = shard.serve(&requests) {
+        tracing::error!(shard = id, %error, "sector engine shard stopped");
+        for request in requests.try_iter() {
+            refuse(request, || EngineError::Closed);
+        }
+    }
+}
+
+fn refuse(request: Request, error: impl Fn() -> EngineError) {
+    match request {
+        Request::Read { reply, .. } => {
+            let _ = reply.send(Err(error()));
+        }
+        Request::Write(part) => {
+            if let Some(tracker) = &part.tracker {
+                tracker.part_written(false);
+            }
+            (part.done)(Err(error()));
+        }
+        Request::Flush { done } | Request::Shutdown { done } => done(Err(error())),
+        Request::Stats { reply } => {
+            let _ = reply.send(Err(error()));
+        }
+        Request::Resolve { .. } => {}
+    }
+}
+
+impl Shard {
+    fn new(id: usize, config: EngineConfig, state: ShardState) -> Result<Shard, EngineError> {
+        let dir = segment::shard_dir(&config.dir, id);
+        let mut buffers: Vec<AlignedBuf> = (0..CHUNK_BUFFERS)
+            .map(|_| AlignedBuf::new(config.chunk_bytes))
+            .collect();
+        buffers.extend((0..READ_BUFFERS).map(|_| AlignedBuf::new(READ_SLOT)));
+        let ring = Ring::new(RING_ENTRIES, buffers)
+            .map_err(EngineError::io("setting up io_uring for", &dir))?;
+        Ok(Shard {
+            dir,
+            ring,
+            index: state.index,
+            segments: state.segments,
+            active: None,
+            write_position: 0,
+            next_segment: state.next_segment,
+            next_sequence: state.next_sequence.max(1),
+            synced_through: state.next_sequence.saturating_sub(1),
+            writes_in_flight: BTreeSet::new(),
+            free_chunks: (0..CHUNK_BUFFERS as u16).rev().collect(),
+            free_reads: (CHUNK_BUFFERS as u16..(CHUNK_BUFFERS + READ_BUFFERS) as u16)
+                .rev()
+                .collect(),
+            building: None,
+            ops: Vec::new(),
+            free_ops: Vec::new(),
+            in_flight: 0,
+            parts: Vec::new(),
+            free_parts: Vec::new(),
+            awaiting_resolve: HashMap::new(),
+            recent_deletes: HashMap::new(),
+            queued_writes: VecDeque::new(),
+            queued_reads: VecDeque::new(),
+            sync_waiters: Vec::new(),
+            sync: None,
+            dirty: BTreeSet::new(),
+            shutdown: None,
+            config,
+        })
+    }
+
+    fn idle(&self) -> bool {
+        self.in_flight == 0
+            && self.building.is_none()
+            && self.queued_writes.is_empty()
+            && self.queued_reads.is_empty()
+            && self.sync_waiters.is_empty()
+    }
+
+    fn serve(&mut self, requests: &Receiver<Request>) -> Result<(), EngineError> {
+        loop {
+            if self.idle() {
+                if let Some(done) = self.shutdown.take() {
+                    done(Ok(()));
+                    return Ok(());
+                }
+                match requests.recv() {
+                    Ok(request) => self.handle(request),
+                    Err(_) => return Ok(()),
+                }
+            }
+            for _ in 0..MAX_DRAIN {
+                match requests.try_recv() {
+                    Ok(request) => self.handle(request),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        if self.idle() {
+                            return Ok(());
+                        }
+                        break;
+                    }
+                }
+            }
+            self.drain_queues();
+            self.finish_chunk();
+            self.start_sync();
+            let ring_error =
+                |error| EngineError::io("submitting to io_uring in", self.dir.clone())(error);
+            if self.in_flight > 0 {
+                match self.ring.ring.submit_and_wait(1) {
+                    Ok(_) => {}
+                    Err(error) if error.raw_os_error() == Some(libc::EINTR) => {}
+                    Err(error) => return Err(ring_error(error)),
+                }
+                self.reap();
+            }
+        }
+    }
+
+    fn handle(&mut self, request: Request) {
+        match request {
+            Request::Read { key, id, reply } => self.queued_reads.push_back((key, id, reply)),
+            Request::Write(part) => self.queued_writes.push_back(part),
+            Request::Resolve { batch, commit } => self.resolve(batch, commit),
+            Request::Flush { done } => self.sync_waiters.push(done),
+            Request::Stats { reply } => {
+                let _ = reply.send(Ok(self.stats()));
+            }
+            Request::Shutdown { done } => {
+                // A clean stop leaves everything durable.
+                self.sync_waiters.push(Box::new(|_| {}));
+                self.shutdown = Some(done);
+            }
+        }
+    }
+
+    fn stats(&self) -> ShardStats {
+        ShardStats {
+            live_sectors: self.index.len() as u64,
+            live_bytes: self.segments.values().map(|s| s.live_bytes).sum(),
+            disk_bytes: self.segments.values().map(|s| s.size).sum(),
+            segments: self.segments.len() as u64,
+            index_bytes: self.index.heap_bytes() as u64,
+        }
+    }
+
+    fn op_slot(&mut self, op: Op) -> usize {
+        self.in_flight += 1;
+        match self.free_ops.pop() {
+            Some(slot) => {
+                self.ops[slot] = Some(op);
+                slot
+            }
+            None => {
+                self.ops.push(Some(op));
+                self.ops.len() - 1
+            }
+        }
+    }
+
+    fn ring_full(&self) -> bool {
+        self.in_flight + 2 >= self.ring.capacity
+    }
+
+    fn drain_queues(&mut self) {
+        while !self.ring_full() {
+            let Some((key, id, reply)) = self.queued_reads.pop_front() else {
+                break;
+            };
+            self.start_read(key, id, reply);
+        }
+        while let Some(part) = self.queued_writes.pop_front() {
+            if let Err(part) = self.add_part(part) {
+                self.queued_writes.push_front(part);
+                break;
+            }
+        }
+    }
+
+    fn start_read(&mut self, key: Key, id: SectorId, reply: ReadReply) {
+        let Some(loc) = self.index.get(&key) else {
+            let _ = reply.send(Ok(None));
+            return;
+        };
+        let Some(segment) = self.segments.get(&loc.segment) else {
+            let _ = reply.send(Err(EngineError::Corrupt(id)));
+            return;
+        };
+        let fd = segment.file.as_raw_fd();
+        let start = loc.offset & !(BLOCK as u64 - 1);
+        let end = align_up(
+            (loc.offset as usize) + RECORD_HEADER_LEN + loc.len as usize,
+            BLOCK,
+        ) as u64;
+        let len = (end - start) as usize;
+        let (buffer, entry) = match (len <= READ_SLOT).then(|| self.free_reads.pop()).flatten() {
+            Some(index) => {
+                let pointer = self.ring.buffers[index as usize].as_mut_ptr();
+                let entry = opcode::ReadFixed::new(types::Fd(fd), pointer, len as u32, index)
+                    .offset(start)
+                    .build();
+                (Buffer::Fixed(index), entry)
+            }
+            None => {
+                let mut owned = AlignedBuf::new(len);
+                let entry = opcode::Read::new(types::Fd(fd), owned.as_mut_ptr(), len as u32)
+                    .offset(start)
+                    .build();
+                (Buffer::Owned(owned), entry)
+            }
+        };
+        let slot = self.op_slot(Op::Read {
+            key,
+            id,
+            loc,
+            start,
+            len,
+            buffer,
+            reply,
+        });
+        // SAFETY: the buffer lives in `self.ops[slot]` (owned) or in the ring's
+        // registered set (fixed, taken off the free list) until this op is reaped.
+        if let Err(error) = unsafe { self.ring.push(&entry.user_data(slot as u64)) } {
+            self.fail_op(
+                slot,
+                EngineError::io("queueing a read in", self.dir.clone())(error),
+            );
+        }
+    }
+
+    /// Adds a part's records to the chunk being built; gives the part back if no
+    /// chunk buffer is free.
+    fn add_part(&mut self, part: BatchPart) -> Result<(), BatchPart> {
+        if self.building.is_none() && !self.begin_chunk(&part) {
+            return Err(part);
+        }
+        let BatchPart {
+            batch,
+            shards,
+            records,
+            durable,
+            tracker,
+            done,
+        } = part;
+        let part_len = records.len() as u32;
+        let state = PartState {
+            batch,
+            shards,
+            durable,
+            tracker,
+            done: Some(done),
+            records: Vec::with_capacity(records.len()),
+            chunks_left: 0,
+            error: None,
+        };
+        let part_slot = match self.free_parts.pop() {
+            Some(slot) => {
+                self.parts[slot] = Some(state);
+                slot
+            }
+            None => {
+                self.parts.push(Some(state));
+                self.parts.len() - 1
+            }
+        };
+        for (record_index, (key, data)) in records.into_iter().enumerate() {
+            let (kind, payload) = match &data {
+                Some(data) => (RecordKind::Put, data.as_slice()),
+                None => (RecordKind::Delete, &[][..]),
+            };
+            let header = RecordHeader {
+                key,
+                payload_len: payload.len() as u32,
+                kind,
+                batch,
+                part_len,
+                shards,
+            };
+            if !self.chunk_fits(payload.len()) {
+                self.finish_chunk();
+                self.building = Some(self.new_building(payload.len()));
+            }
+            let Some(building) = self.building.as_mut() else {
+                unreachable!("a chunk is being built");
+            };
+            let buffer = match &mut building.buffer {
+                Buffer::Fixed(index) => self.ring.buffers[*index as usize].as_mut_slice(),
+                Buffer::Owned(owned) => owned.as_mut_slice(),
+            };
+            let mut builder = ChunkBuilder::resume(buffer, building.used, building.records);
+            if builder.push(&header, payload).is_none() {
+                unreachable!("the chunk was sized for this record");
+            }
+            building.used = builder.used();
+            building.records = builder.records();
+            let first_in_chunk = !building.members.iter().any(|(slot, _)| *slot == part_slot);
+            building.members.push((part_slot, record_index));
+            if let Some(Some(state)) = self.parts.get_mut(part_slot) {
+                state.records.push(PartRecord {
+                    key,
+                    kind,
+                    len: payload.len() as u32,
+                    loc: None,
+                });
+                if first_in_chunk {
+                    state.chunks_left += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn chunk_fits(&self, payload_len: usize) -> bool {
+        let Some(building) = &self.building else {
+            return false;
+        };
+        let capacity = match &building.buffer {
+            Buffer::Fixed(index) => self.ring.buffers[*index as usize].len(),
+            Buffer::Owned(owned) => owned.len(),
+        };
+        align_up(building.used + record_footprint(payload_len), BLOCK) <= capacity
+    }
+
+    fn begin_chunk(&mut self, part: &BatchPart) -> bool {
+        let largest = part
+            .records
+            .iter()
+            .map(|(_, data)| data.as_ref().map_or(0, Vec::len))
+            .max()
+            .unwrap_or(0);
+        if self.free_chunks.is_empty() {
+            return false;
+        }
+        self.building = Some(self.new_building(largest));
+        true
+    }
+
+    /// A chunk buffer for a record of `payload_len`: a registered one if it fits
+    /// and one is free, else an owned one sized for it.
+    fn new_building(&mut self, payload_len: usize) -> Building {
+        let needed = align_up(CHUNK_HEADER_LEN + record_footprint(payload_len), BLOCK);
+        let buffer = match (needed <= self.config.chunk_bytes)
+            .then(|| self.free_chunks.pop())
+            .flatten()
+        {
+            Some(index) => Buffer::Fixed(index),
+            None => Buffer::Owned(AlignedBuf::new(needed.max(self.config.chunk_bytes))),
+        };
+        Building {
+            buffer,
+            used: CHUNK_HEADER_LEN,
+            records: 0,
+            members: Vec::new(),
+        }
+    }
+
+    /// Seals the chunk being built and submits its write.
+    fn finish_chunk(&mut self) {
+        let Some(mut building) = self.building.take() else {
+            return;
+        };
+        if building.records == 0 {
+            self.release(building.buffer);
+            return;
+        }
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        let buffer = match &mut building.buffer {
+            Buffer::Fixed(index) => self.ring.buffers[*index as usize].as_mut_slice(),
+            Buffer::Owned(owned) => owned.as_mut_slice(),
+        };
+        let len = ChunkBuilder::resume(buffer, building.used, building.records)
+            .finish(sequence, self.synced_through);
+        let (segment, position) = match self.reserve(len as u64) {
+            Ok(place) => place,
+            Err(error) => {
+                self.release(building.buffer);
+                self.fail_members(&building.members, error);
+                return;
+            }
+        };
+        let Some(file) = self.segments.get(&segment).map(|s| s.file.as_raw_fd()) else {
+            unreachable!("reserve returns an open segment");
+        };
+        let entry = match &mut building.buffer {
+            Buffer::Fixed(index) => {
+                let pointer = self.ring.buffers[*index as usize].as_mut_ptr();
+                opcode::WriteFixed::new(types::Fd(file), pointer, len as u32, *index)
+                    .offset(position)
+                    .build()
+            }
+            Buffer::Owned(owned) => opcode::Write::new(types::Fd(file), owned.as_ptr(), len as u32)
+                .offset(position)
+                .build(),
+        };
+        self.writes_in_flight.insert(sequence);
+        let slot = self.op_slot(Op::WriteChunk {
+            buffer: building.buffer,
+            segment,
+            position,
+            sequence,
+            len,
+            members: building.members,
+        });
+        // SAFETY: the chunk buffer is owned by `self.ops[slot]` (or is a registered
+        // buffer off the free list) until this write is reaped.
+        if let Err(error) = unsafe { self.ring.push(&entry.user_data(slot as u64)) } {
+            self.fail_op(
+                slot,
+                EngineError::io("queueing a write in", self.dir.clone())(error),
+            );
+        }
+    }
+
+    /// Finds room for `len` bytes in the active segment, starting a new segment
+    /// when it is full. Running out of space fails here, before any write.
+    fn reserve(&mut self, len: u64) -> Result<(u32, u64), EngineError> {
+        if let Some(active) = self.active {
+            let size = self.segments.get(&active).map_or(0, |s| s.size);
+            if self.write_position + len <= size {
+                let position = self.write_position;
+                self.write_position += len;
+                return Ok((active, position));
+            }
+        }
+        if self.next_segment > MAX_SEGMENT {
+            return Err(EngineError::Layout(format!(
+                "{} has used all {MAX_SEGMENT} segment numbers",
+                self.dir.display()
+            )));
+        }
+        let size = self.config.segment_bytes.max(len);
+        let segment = Segment::create(&self.dir, self.next_segment, size, self.config.direct_io)?;
+        let id = segment.id;
+        self.next_segment += 1;
+        self.segments.insert(id, segment);
+        self.active = Some(id);
+        self.write_position = len;
+        Ok((id, 0))
+    }
+
+    fn release(&mut self, buffer: Buffer) {
+        if let Buffer::Fixed(index) = buffer {
+            if (index as usize) < CHUNK_BUFFERS {
+                self.free_chunks.push(index);
+            } else {
+                self.free_reads.push(index);
+            }
+        }
+    }
+
+    fn start_sync(&mut self) {
+        if self.sync.is_some() || self.sync_waiters.is_empty() {
+            return;
+        }
+        let covers = self
+            .writes_in_flight
+            .first()
+            .map_or(self.next_sequence - 1, |first| first - 1);
+        let waiters = std::mem::take(&mut self.sync_waiters);
+        let dirty: Vec<u32> = std::mem::take(&mut self.dirty).into_iter().collect();
+        if dirty.is_empty() {
+            self.synced_through = self.synced_through.max(covers);
+            for waiter in waiters {
+                waiter(Ok(()));
+            }
+            return;
+        }
+        self.sync = Some(SyncRound {
+            waiters,
+            remaining: dirty.len(),
+            covers,
+            error: None,
+        });
+        for segment in dirty {
+            let Some(fd) = self.segments.get(&segment).map(|s| s.file.as_raw_fd()) else {
+                self.sync_done(Ok(()));
+                continue;
+            };
+            let entry = opcode::Fsync::new(types::Fd(fd))
+                .flags(types::FsyncFlags::DATASYNC)
+                .build();
+            let slot = self.op_slot(Op::Fsync);
+            // SAFETY: fsync reads no buffer of ours.
+            if let Err(error) = unsafe { self.ring.push(&entry.user_data(slot as u64)) } {
+                self.fail_op(
+                    slot,
+                    EngineError::io("queueing fdatasync in", self.dir.clone())(error),
+                );
+            }
+        }
+    }
+
+    fn sync_done(&mut self, result: Result<(), EngineError>) {
+        let Some(round) = self.sync.as_mut() else {
+            return;
+        };
+        if let Err(error) = result {
+            round.error.get_or_insert(error);
+        }
+        round.remaining -= 1;
+        if round.remaining > 0 {
+            return;
+        }
+        let Some(round) = self.sync.take() else {
+            return;
+        };
+        match round.error {
+            None => {
+                self.synced_through = self.synced_through.max(round.covers);
+                for waiter in round.waiters {
+                    waiter(Ok(()));
+                }
+            }
+            Some(error) => {
+                let message = error.to_string();
+                for waiter in round.waiters {
+                    waiter(Err(EngineError::Io {
+                        context: "fdatasync",
+                        path: self.dir.clone(),
+                        source: std::io::Error::other(message.clone()),
+                    }));
+                }
+            }
+        }
+    }
+
+    fn reap(&mut self) {
+        let completions: Vec<(u64, i32)> = self
+            .ring
+            .ring
+            .completion()
+            .map(|entry| (entry.user_data(), entry.result()))
+            .collect();
+        for (user_data, result) in completions {
+            let slot = user_data as usize;
+            let Some(op) = self.ops.get_mut(slot).and_then(Option::take) else {
+                continue;
+            };
+            self.in_flight -= 1;
+            self.free_ops.push(slot);
+            self.complete(op, result);
+        }
+    }
+
+    fn fail_op(&mut self, slot: usize, error: EngineError) {
+        if let Some(op) = self.ops.get_mut(slot).and_then(Option::take) {
+            self.in_flight -= 1;
+            self.free_ops.push(slot);
+            self.complete_with_error(op, error);
+        }
+    }
+
+    fn complete(&mut self, op: Op, result: i32) {
+        if result < 0 {
+            let error = std::io::Error::from_raw_os_error(-result);
+            let context = match op {
+                Op::WriteChunk { .. } => "writing a chunk to",
+                Op::Read { .. } => "reading",
+                Op::Fsync => "fdatasync of",
+            };
+            let path = self.dir.clone();
+            self.complete_with_error(op, EngineError::io(context, path)(error));
+            return;
+        }
+        match op {
+            Op::WriteChunk {
+                buffer,
+                segment,
+                position,
+                sequence,
+                len,
+                members,
+            } => {
+                self.writes_in_flight.remove(&sequence);
+                self.release(buffer);
+                if result as usize != len {
+                    let error = EngineError::Io {
+                        context: "short write to",
+                        path: self.dir.clone(),
+                        source: std::io::Error::other(format!("{result} of {len} bytes")),
+                    };
+                    self.fail_members(&members, error);
+                    return;
+                }
+                self.dirty.insert(segment);
+                self.chunk_written(segment, position, &members);
+            }
+            Op::Read {
+                key,
+                id,
+                loc,
+                start,
+                len,
+                buffer,
+                reply,
+            } => {
+                let outcome = {
+                    let bytes = match &buffer {
+                        Buffer::Fixed(index) => self.ring.buffers[*index as usize].as_slice(),
+                        Buffer::Owned(owned) => owned.as_slice(),
+                    };
+                    let valid = &bytes[..(result as usize).min(len)];
+                    let offset = (loc.offset - start) as usize;
+                    match valid.get(offset..).map(record::parse_record) {
+                        Some(Ok(parsed))
+                            if parsed.payload_intact
+                                && parsed.header.key == key
+                                && parsed.header.kind == RecordKind::Put =>
+                        {
+                            Ok(Some(parsed.payload.to_vec()))
+                        }
+                        _ => Err(EngineError::Corrupt(id)),
+                    }
+                };
+                self.release(buffer);
+                let _ = reply.send(outcome);
+            }
+            Op::Fsync => self.sync_done(Ok(())),
+        }
+    }
+
+    fn complete_with_error(&mut self, op: Op, error: EngineError) {
+        match op {
+            Op::WriteChunk {
+                buffer,
+                sequence,
+                members,
+                ..
+            } => {
+                self.writes_in_flight.remove(&sequence);
+                self.release(buffer);
+                self.fail_members(&members, error);
+            }
+            Op::Read { buffer, reply, .. } => {
+                self.release(buffer);
+                let _ = reply.send(Err(error));
+            }
+            Op::Fsync => self.sync_done(Err(error)),
+        }
+    }
+
+    fn fail_members(&mut self, members: &[(usize, usize)], error: EngineError) {
+        let message = error.to_string();
+        let mut seen = Vec::new();
+        for (part_slot, _) in members {
+            if seen.contains(part_slot) {
+                continue;
+            }
+            seen.push(*part_slot);
+            if let Some(Some(part)) = self.parts.get_mut(*part_slot) {
+                part.error.get_or_insert_with(|| match &error {
+                    EngineError::NoSpace(path) => EngineError::NoSpace(path.clone()),
+                    _ => EngineError::Io {
+                        context: "writing",
+                        path: PathBuf::new(),
+                        source: std::io::Error::other(message.clone()),
+                    },
+                });
+                part.chunks_left -= 1;
+                if part.chunks_left == 0 {
+                    self.part_written(*part_slot);
+                }
+            }
+        }
+    }
+
+    fn chunk_written(&mut self, segment: u32, position: u64, members: &[(usize, usize)]) {
+        let mut finished = Vec::new();
+        let mut offset = CHUNK_HEADER_LEN as u64;
+        let mut touched = Vec::new();
+        for (part_slot, record_index) in members {
+            let Some(Some(part)) = self.parts.get_mut(*part_slot) else {
+                continue;
+            };
+            let Some(record) = part.records.get_mut(*record_index) else {
+                continue;
+            };
+            record.loc = Some(Loc {
+                segment,
+                offset: position + offset,
+                len: record.len,
+            });
+            offset += record_footprint(record.len as usize) as u64;
+            if !touched.contains(part_slot) {
+                touched.push(*part_slot);
+            }
+        }
+        for part_slot in touched {
+            if let Some(Some(part)) = self.parts.get_mut(part_slot) {
+                part.chunks_left -= 1;
+                if part.chunks_left == 0 {
+                    finished.push(part_slot);
+                }
+            }
+        }
+        for part_slot in finished {
+            self.part_written(part_slot);
+        }
+    }
+
+    /// Every chunk of a part is written (or failed).
+    fn part_written(&mut self, part_slot: usize) {
+        let Some(Some(part)) = self.parts.get_mut(part_slot) else {
+            return;
+        };
+        let ok = part.error.is_none();
+        match part.tracker.clone() {
+            None => {
+                if ok {
+                    self.apply(part_slot);
+                }
+                let Some(mut part) = self.take_part(part_slot) else {
+                    return;
+                };
+                let Some(done) = part.done.take() else {
+                    return;
+                };
+                match part.error {
+                    Some(error) => done(Err(error)),
+                    None if part.durable => self.sync_waiters.push(done),
+                    None => done(Ok(())),
+                }
+            }
+            Some(tracker) => {
+                self.awaiting_resolve.insert(part.batch, part_slot);
+                if ok && part.durable {
+                    self.sync_waiters
+                        .push(Box::new(move |result| tracker.part_written(result.is_ok())));
+                } else {
+                    tracker.part_written(ok);
+                }
+            }
+        }
+    }
+
+    fn resolve(&mut self, batch: u64, commit: bool) {
+        let Some(part_slot) = self.awaiting_resolve.remove(&batch) else {
+            return;
+        };
+        if commit {
+            self.apply(part_slot);
+        }
+        if let Some(mut part) = self.take_part(part_slot)
+            && let Some(done) = part.done.take()
+        {
+            done(match (commit, part.error) {
+                (true, _) => Ok(()),
+                (false, Some(error)) => Err(error),
+                (false, None) => Err(EngineError::BatchAborted),
+            });
+        }
+        if self.awaiting_resolve.is_empty() {
+            self.recent_deletes.clear();
+        }
+    }
+
+    fn take_part(&mut self, part_slot: usize) -> Option<PartState> {
+        let part = self.parts.get_mut(part_slot)?.take();
+        if part.is_some() {
+            self.free_parts.push(part_slot);
+        }
+        part
+    }
+
+    /// Makes a written part visible. A record older in the log than what the index
+    /// (or a recent delete) already holds for its key lost a race to a newer
+    /// write and is skipped, so the index always matches log order, as recovery
+    /// will rebuild it.
+    fn apply(&mut self, part_slot: usize) {
+        let Some(Some(part)) = self.parts.get(part_slot) else {
+            return;
+        };
+        let multi_shard_pending = !self.awaiting_resolve.is_empty();
+        let _ = part.shards;
+        let updates: Vec<(Key, RecordKind, Loc)> = part
+            .records
+            .iter()
+            .filter_map(|record| record.loc.map(|loc| (record.key, record.kind, loc)))
+            .collect();
+        for (key, kind, loc) in updates {
+            let newer_exists = self.index.get(&key).is_some_and(|current| {
+                (current.segment, current.offset) > (loc.segment, loc.offset)
+            }) || self.recent_deletes.get(&key).is_some_and(|deleted| {
+                (deleted.segment, deleted.offset) > (loc.segment, loc.offset)
+            });
+            if newer_exists {
+                continue;
+            }
+            let previous = match kind {
+                RecordKind::Put => {
+                    if let Some(segment) = self.segments.get_mut(&loc.segment) {
+                        segment.live_bytes += loc.len as u64;
+                    }
+                    self.index.insert(key, loc)
+                }
+                RecordKind::Delete => {
+                    if multi_shard_pending {
+                        self.recent_deletes.insert(key, loc);
+                    }
+                    self.index.remove(&key)
+                }
+            };
+            if let Some(previous) = previous
+                && let Some(segment) = self.segments.get_mut(&previous.segment)
+            {
+                segment.live_bytes = segment.live_bytes.saturating_sub(previous.len as u64);
+            }
+        }
+    }
+}
