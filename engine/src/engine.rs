@@ -1,8 +1,8 @@
 //! The [`Engine`] handle: configuration, opening, and routing requests to shards.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use blocktree_core::sector::SectorId;
@@ -14,7 +14,7 @@ use crate::pending::Pending;
 use crate::record::{Key, MAX_PAYLOAD, MAX_SHARDS};
 use crate::shard::{BatchPart, BatchTracker, Request, ShardStats};
 use crate::superblock::Superblock;
-use crate::{recovery, shard};
+use crate::{checkpoint, recovery, shard};
 
 /// How an engine lays out and writes its store.
 #[derive(Clone, Debug)]
@@ -31,6 +31,9 @@ pub struct EngineConfig {
     /// Open segments with O_DIRECT (falls back to buffered I/O with a warning where
     /// the file system refuses it).
     pub direct_io: bool,
+    /// Write a checkpoint after this many bytes of writes, so that opening the
+    /// store scans at most about this much log.
+    pub checkpoint_bytes: u64,
 }
 
 impl EngineConfig {
@@ -46,6 +49,7 @@ impl EngineConfig {
             segment_bytes: 256 << 20,
             chunk_bytes: 2 << 20,
             direct_io: true,
+            checkpoint_bytes: 1 << 30,
         }
     }
 
@@ -117,6 +121,14 @@ pub struct EngineStats {
 
 struct Inner {
     dir: PathBuf,
+    checkpoint_bytes: u64,
+    /// Held shared while a batch's parts are handed to the shards, and exclusively
+    /// by a checkpoint, so every batch is wholly before or wholly after it. The
+    /// only lock on the write path; contended only while a checkpoint starts.
+    gate: RwLock<()>,
+    epoch: AtomicU64,
+    written_since_checkpoint: AtomicU64,
+    checkpointing: AtomicBool,
     keys: KeyDeriver,
     shards: Vec<Sender<Request>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
@@ -172,6 +184,7 @@ impl Engine {
         let keys = KeyDeriver::new(superblock.salt);
         let recovered = recovery::recover(&config)?;
         let next_batch = recovered.next_batch;
+        let epoch = recovered.epoch;
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..config.shards)
             .map(|_| crossbeam_channel::unbounded())
             .unzip();
@@ -191,6 +204,11 @@ impl Engine {
         }
         Ok(Engine {
             inner: Arc::new(Inner {
+                checkpoint_bytes: config.checkpoint_bytes,
+                gate: RwLock::new(()),
+                epoch: AtomicU64::new(epoch),
+                written_since_checkpoint: AtomicU64::new(0),
+                checkpointing: AtomicBool::new(false),
                 dir: config.dir,
                 keys,
                 shards: senders,
@@ -300,6 +318,15 @@ impl Engine {
             .enumerate()
             .filter(|(_, part)| !part.is_empty())
             .fold(0u32, |mask, (shard, _)| mask | (1 << shard));
+        let bytes: u64 = parts
+            .iter()
+            .flatten()
+            .map(|(_, data)| data.as_ref().map_or(0, Vec::len) as u64 + 64)
+            .sum();
+        let gate = match self.inner.gate.read() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
         let batch_id = self.inner.next_batch.fetch_add(1, Ordering::Relaxed);
         let tracker = (mask.count_ones() > 1)
             .then(|| Arc::new(BatchTracker::new(batch_id, mask, self.inner.shards.clone())));
@@ -326,7 +353,62 @@ impl Engine {
                 return Pending::ready(Err(error));
             }
         }
+        drop(gate);
+        let written = self
+            .inner
+            .written_since_checkpoint
+            .fetch_add(bytes, Ordering::Relaxed)
+            + bytes;
+        if written >= self.inner.checkpoint_bytes
+            && !self.inner.checkpointing.swap(true, Ordering::AcqRel)
+        {
+            let engine = self.clone();
+            let spawned = std::thread::Builder::new()
+                .name("btengine-checkpointer".into())
+                .spawn(move || {
+                    if let Err(error) = engine.checkpoint() {
+                        tracing::error!(%error, "sector engine checkpoint failed");
+                    }
+                    engine.inner.checkpointing.store(false, Ordering::Release);
+                });
+            if spawned.is_err() {
+                self.inner.checkpointing.store(false, Ordering::Release);
+            }
+        }
         pending
+    }
+
+    /// Writes a checkpoint of every shard's index, so the next open reads it
+    /// instead of scanning the log. New batches wait while the shards finish the
+    /// ones in flight; reads go on.
+    pub fn checkpoint(&self) -> Result<(), EngineError> {
+        let _gate = match self.inner.gate.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        let epoch = self.inner.epoch.load(Ordering::Acquire) + 1;
+        let mut replies = Vec::with_capacity(self.inner.shards.len());
+        for shard in 0..self.inner.shards.len() {
+            let (reply, pending) = Pending::channel();
+            self.send(shard, Request::Checkpoint { epoch, reply })?;
+            replies.push(pending);
+        }
+        for reply in replies {
+            reply.wait()?;
+        }
+        let next_batch = self.inner.next_batch.load(Ordering::Acquire);
+        checkpoint::write_durably(
+            &self.inner.dir.join(checkpoint::HEAD_FILE),
+            &checkpoint::encode_head(epoch, next_batch),
+        )?;
+        self.inner.epoch.store(epoch, Ordering::Release);
+        self.inner
+            .written_since_checkpoint
+            .store(0, Ordering::Relaxed);
+        for shard in 0..self.inner.shards.len() {
+            checkpoint::remove_stale(&crate::segment::shard_dir(&self.inner.dir, shard), epoch);
+        }
+        Ok(())
     }
 
     /// Sector counts and sizes, summed over the shards.
@@ -354,6 +436,8 @@ impl Engine {
     /// Stops the shard threads after they finish what they were given. Other
     /// clones of this handle get [`EngineError::Closed`] afterwards.
     pub fn shutdown(&self) -> Result<(), EngineError> {
+        // Leaves a checkpoint, so the next open need not scan the log.
+        let checkpointed = self.checkpoint();
         for sender in &self.inner.shards {
             let (dones, pending) = fan_in(1);
             for done in dones {
@@ -370,7 +454,7 @@ impl Engine {
         for thread in threads {
             let _ = thread.join();
         }
-        Ok(())
+        checkpointed
     }
 }
 
@@ -463,12 +547,26 @@ mod tests {
         engine.shutdown().unwrap();
         drop(engine);
 
-        let engine = Engine::open(config).unwrap();
+        let engine = Engine::open(config.clone()).unwrap();
         assert_eq!(engine.generation(), 7);
         assert_eq!(engine.read(id(3, 5)).wait().unwrap(), Some(vec![5u8; 4096]));
         assert_eq!(engine.read(id(3, 6)).wait().unwrap(), None);
         assert_eq!(engine.read(id(3, 7)).wait().unwrap(), Some(vec![0xaa; 100]));
         assert_eq!(engine.stats().unwrap().live_sectors, 99);
+
+        // A checkpoint, then a log tail after it, then a stop without shutdown.
+        engine.checkpoint().unwrap();
+        let mut batch = WriteBatch::new();
+        batch.put(id(3, 5), vec![0xbb; 10]).delete(id(3, 8));
+        engine.write_durable(batch).wait().unwrap();
+        drop(engine);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+
+        let engine = Engine::open(config).unwrap();
+        assert_eq!(engine.read(id(3, 5)).wait().unwrap(), Some(vec![0xbb; 10]));
+        assert_eq!(engine.read(id(3, 8)).wait().unwrap(), None);
+        assert_eq!(engine.read(id(3, 9)).wait().unwrap(), Some(vec![9u8; 4096]));
+        assert_eq!(engine.stats().unwrap().live_sectors, 98);
         engine.shutdown().unwrap();
     }
 }

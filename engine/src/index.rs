@@ -21,6 +21,9 @@ pub(crate) struct Loc {
     pub len: u32,
 }
 
+/// Bytes of a packed [`Loc`].
+pub(crate) const PACKED_LOC_LEN: usize = 10;
+
 /// The largest segment number an index entry can hold.
 pub(crate) const MAX_SEGMENT: u32 = u16::MAX as u32;
 
@@ -62,12 +65,38 @@ impl Hasher for KeyHasher {
 }
 
 /// Key → location of the newest record.
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub(crate) struct Index {
     map: HashMap<Key, [u8; 10], BuildHasherDefault<KeyHasher>>,
 }
 
 impl Index {
+    /// An empty index with room for `entries`.
+    pub fn with_capacity(entries: usize) -> Index {
+        Index {
+            map: HashMap::with_capacity_and_hasher(entries, BuildHasherDefault::default()),
+        }
+    }
+
+    /// Inserts an entry straight from its packed form (checkpoint loading).
+    pub fn insert_packed(&mut self, key: Key, packed: [u8; PACKED_LOC_LEN]) {
+        self.map.insert(key, packed);
+    }
+
+    /// Visits every entry in its packed form (checkpoint writing).
+    pub fn for_each_packed(&self, mut visit: impl FnMut(&Key, &[u8; PACKED_LOC_LEN])) {
+        for (key, packed) in &self.map {
+            visit(key, packed);
+        }
+    }
+
+    /// Every (key, location), for compaction.
+    pub fn iter(&self) -> impl Iterator<Item = (&Key, Loc)> {
+        self.map
+            .iter()
+            .map(|(key, packed)| (key, Loc::unpack(packed)))
+    }
+
     pub fn get(&self, key: &Key) -> Option<Loc> {
         self.map.get(key).map(Loc::unpack)
     }

@@ -4,8 +4,11 @@
 //! One [`Engine`] stores the sectors of one generation in a directory:
 //!
 //! ```text
-//! <dir>/superblock            generation, key salt, next inode   (superblock.rs)
-//! <dir>/shard-<s>/<n>.seg     the log of shard s, in segments     (segment.rs, record.rs)
+//! <dir>/superblock              generation, key salt, next inode   (superblock.rs)
+//! <dir>/layout                  the number of shards               (recovery.rs)
+//! <dir>/checkpoint              the checkpoint epoch in force      (checkpoint.rs)
+//! <dir>/shard-<s>/<n>.seg       the log of shard s, in segments     (segment.rs, record.rs)
+//! <dir>/shard-<s>/checkpoint-<e>  shard s's index at epoch e       (checkpoint.rs)
 //! ```
 //!
 //! Each sector lives under a salted hash of its [`SectorId`] ([`key`]), and each
@@ -19,6 +22,7 @@
 //! batch, recovery keeps only batches whose every record is present, and a batch
 //! that spans shards becomes visible only after every shard has written its part.
 
+mod checkpoint;
 mod engine;
 mod error;
 mod index;

@@ -1,7 +1,8 @@
 //! Opening a store: the layout file, and rebuilding each shard's index from its
 //! log after a clean stop or a crash.
 //!
-//! Every shard's segments are scanned in order. A record counts only if its whole
+//! Each shard starts from its checkpoint (see [`crate::checkpoint`]) and scans the
+//! segments written after it, in order. A record counts only if its whole
 //! batch is present: for every shard the batch names, that shard's log holds as
 //! many of its records as the batch said (`part_len`). A batch cut short by a
 //! crash is dropped everywhere, so after a crash each batch holds its old or its
@@ -14,6 +15,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::Path;
 
+use crate::checkpoint::{self, ShardCheckpoint};
 use crate::engine::EngineConfig;
 use crate::error::EngineError;
 use crate::index::{Index, Loc, MAX_SEGMENT};
@@ -61,13 +63,8 @@ pub(crate) struct ShardState {
 pub(crate) struct Recovered {
     pub shards: Vec<ShardState>,
     pub next_batch: u64,
-}
-
-struct Found {
-    key: Key,
-    kind: RecordKind,
-    batch: u64,
-    loc: Loc,
+    /// The checkpoint epoch in force (0: none yet).
+    pub epoch: u64,
 }
 
 #[derive(Default)]
@@ -88,50 +85,57 @@ impl BatchShape {
     }
 }
 
-/// Scans every shard's log and rebuilds its index.
-pub(crate) fn recover(config: &EngineConfig) -> Result<Recovered, EngineError> {
-    let mut found: Vec<Vec<Found>> = Vec::with_capacity(config.shards);
-    let mut segments: Vec<BTreeMap<u32, Segment>> = Vec::with_capacity(config.shards);
-    let mut sequences = Vec::with_capacity(config.shards);
-    let mut batches: HashMap<u64, BatchShape> = HashMap::new();
-    let mut next_batch = 1u64;
+/// What one shard's log and checkpoint hold, before batches are matched up.
+struct ShardScan {
+    base: Index,
+    segments: BTreeMap<u32, Segment>,
+    records: Vec<ScannedRecord>,
+    next_sequence: u64,
+    max_batch: u64,
+}
 
-    for shard in 0..config.shards {
-        let dir = segment::shard_dir(&config.dir, shard);
-        fs::create_dir_all(&dir).map_err(EngineError::io("creating", &dir))?;
-        let mut shard_found = Vec::new();
-        let mut shard_segments = BTreeMap::new();
-        let mut scan = ScanState::default();
-        for id in segment::list(&dir)? {
-            scan_segment(&segment::segment_path(&dir, id), id, &mut scan)?;
-            shard_segments.insert(id, Segment::open(&dir, id, config.direct_io)?);
-        }
-        // Torn tail: records of chunks that were never synced and fail a check
-        // were dropped by the scan; the rest are candidates.
-        for record in scan.records {
+/// Loads each shard's checkpoint (if the store has one) and scans the log after
+/// it, the shards in parallel; then keeps the tail records of complete batches.
+pub(crate) fn recover(config: &EngineConfig) -> Result<Recovered, EngineError> {
+    let head = checkpoint::load_head(&config.dir)?;
+    let scans: Vec<Result<ShardScan, EngineError>> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..config.shards)
+            .map(|shard| {
+                scope.spawn(move || scan_shard(config, shard, head.map(|(epoch, _)| epoch)))
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|worker| {
+                worker.join().unwrap_or_else(|_| {
+                    Err(EngineError::Layout("a recovery thread panicked".into()))
+                })
+            })
+            .collect()
+    });
+    let scans = scans.into_iter().collect::<Result<Vec<_>, _>>()?;
+
+    let mut batches: HashMap<u64, BatchShape> = HashMap::new();
+    let mut next_batch = head.map_or(1, |(_, next_batch)| next_batch);
+    for (shard, scan) in scans.iter().enumerate() {
+        next_batch = next_batch.max(scan.max_batch + 1);
+        for record in &scan.records {
             let shape = batches.entry(record.batch).or_default();
             shape.shards |= record.shards;
             shape.expected.insert(shard, record.part_len);
             *shape.found.entry(shard).or_default() += 1;
-            next_batch = next_batch.max(record.batch + 1);
-            shard_found.push(Found {
-                key: record.key,
-                kind: record.kind,
-                batch: record.batch,
-                loc: record.loc,
-            });
         }
-        next_batch = next_batch.max(scan.max_batch + 1);
-        found.push(shard_found);
-        segments.push(shard_segments);
-        sequences.push(scan.last_sequence + 1);
     }
 
     let mut shards = Vec::with_capacity(config.shards);
-    for ((records, mut shard_segments), next_sequence) in
-        found.into_iter().zip(segments).zip(sequences)
-    {
-        let mut index = Index::default();
+    for scan in scans {
+        let ShardScan {
+            base: mut index,
+            segments: mut shard_segments,
+            records,
+            next_sequence,
+            ..
+        } = scan;
         for record in records {
             if !batches.get(&record.batch).is_some_and(BatchShape::complete) {
                 continue;
@@ -164,7 +168,52 @@ pub(crate) fn recover(config: &EngineConfig) -> Result<Recovered, EngineError> {
             next_sequence,
         });
     }
-    Ok(Recovered { shards, next_batch })
+    Ok(Recovered {
+        shards,
+        next_batch,
+        epoch: head.map_or(0, |(epoch, _)| epoch),
+    })
+}
+
+fn scan_shard(
+    config: &EngineConfig,
+    shard: usize,
+    epoch: Option<u64>,
+) -> Result<ShardScan, EngineError> {
+    let dir = segment::shard_dir(&config.dir, shard);
+    fs::create_dir_all(&dir).map_err(EngineError::io("creating", &dir))?;
+    let mut scan = ScanState::default();
+    let mut live = BTreeMap::new();
+    let mut replay_segment = 0;
+    let mut base = Index::default();
+    if let Some(epoch) = epoch {
+        let path = checkpoint::shard_path(&dir, epoch);
+        let bytes = fs::read(&path).map_err(EngineError::io("reading checkpoint", &path))?;
+        let loaded = ShardCheckpoint::decode(&bytes)
+            .map_err(|reason| EngineError::Damaged { path, reason })?;
+        replay_segment = loaded.replay_segment;
+        scan.last_sequence = loaded.next_sequence.saturating_sub(1);
+        scan.synced_through = loaded.synced_through;
+        live = loaded.segments;
+        base = loaded.index;
+    }
+    let mut segments = BTreeMap::new();
+    for id in segment::list(&dir)? {
+        let mut segment = Segment::open(&dir, id, config.direct_io)?;
+        if id >= replay_segment {
+            scan_segment(&segment::segment_path(&dir, id), id, &mut scan)?;
+        } else {
+            segment.live_bytes = live.get(&id).copied().unwrap_or(0);
+        }
+        segments.insert(id, segment);
+    }
+    Ok(ShardScan {
+        base,
+        segments,
+        next_sequence: scan.last_sequence + 1,
+        max_batch: scan.max_batch,
+        records: scan.records,
+    })
 }
 
 struct ScannedRecord {

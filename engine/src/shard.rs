@@ -21,6 +21,7 @@ use blocktree_core::sector::SectorId;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use io_uring::{opcode, types};
 
+use crate::checkpoint::{self, ShardCheckpoint};
 use crate::engine::{Done, EngineConfig};
 use crate::error::EngineError;
 use crate::index::{Index, Loc, MAX_SEGMENT};
@@ -66,6 +67,11 @@ pub(crate) enum Request {
     },
     Shutdown {
         done: Done,
+    },
+    /// Write this shard's checkpoint of `epoch` once no batch is in flight here.
+    Checkpoint {
+        epoch: u64,
+        reply: oneshot::Sender<Result<(), EngineError>>,
     },
 }
 
@@ -213,6 +219,7 @@ struct Shard {
     sync: Option<SyncRound>,
     dirty: BTreeSet<u32>,
     shutdown: Option<Done>,
+    checkpoint: Option<(u64, oneshot::Sender<Result<(), EngineError>>)>,
 }
 
 /// The shard thread's body.
@@ -258,6 +265,9 @@ fn refuse(request: Request, error: impl Fn() -> EngineError) {
         Request::Stats { reply } => {
             let _ = reply.send(Err(error()));
         }
+        Request::Checkpoint { reply, .. } => {
+            let _ = reply.send(Err(error()));
+        }
         Request::Resolve { .. } => {}
     }
 }
@@ -300,6 +310,7 @@ impl Shard {
             sync: None,
             dirty: BTreeSet::new(),
             shutdown: None,
+            checkpoint: None,
             config,
         })
     }
@@ -314,6 +325,7 @@ impl Shard {
 
     fn serve(&mut self, requests: &Receiver<Request>) -> Result<(), EngineError> {
         loop {
+            self.try_checkpoint();
             if self.idle() {
                 if let Some(done) = self.shutdown.take() {
                     done(Ok(()));
@@ -361,11 +373,53 @@ impl Shard {
             Request::Stats { reply } => {
                 let _ = reply.send(Ok(self.stats()));
             }
+            Request::Checkpoint { epoch, reply } => self.checkpoint = Some((epoch, reply)),
             Request::Shutdown { done } => {
                 // A clean stop leaves everything durable.
                 self.sync_waiters.push(Box::new(|_| {}));
                 self.shutdown = Some(done);
             }
+        }
+    }
+
+    /// Takes the checkpoint asked for once no write of this shard is in flight
+    /// or waiting for other shards; the engine holds new batches back meanwhile.
+    /// The active segment is sealed, so the log tail after the checkpoint is
+    /// exactly the segments numbered from `replay_segment` on. The file is
+    /// written by a helper thread while the shard goes on serving reads.
+    fn try_checkpoint(&mut self) {
+        let quiet = self.queued_writes.is_empty()
+            && self.building.is_none()
+            && self.writes_in_flight.is_empty()
+            && self.awaiting_resolve.is_empty();
+        if !quiet {
+            return;
+        }
+        let Some((epoch, reply)) = self.checkpoint.take() else {
+            return;
+        };
+        self.active = None;
+        let snapshot = ShardCheckpoint {
+            epoch,
+            replay_segment: self.next_segment,
+            next_sequence: self.next_sequence,
+            synced_through: self.synced_through,
+            segments: self
+                .segments
+                .iter()
+                .map(|(id, s)| (*id, s.live_bytes))
+                .collect(),
+            index: self.index.clone(),
+        };
+        let path = checkpoint::shard_path(&self.dir, epoch);
+        let writer = std::thread::Builder::new()
+            .name("btengine-checkpoint".into())
+            .spawn(move || {
+                let result = checkpoint::write_durably(&path, &snapshot.encode());
+                let _ = reply.send(result);
+            });
+        if let Err(error) = writer {
+            tracing::error!(%error, "could not start the checkpoint writer");
         }
     }
 
