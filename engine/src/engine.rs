@@ -327,7 +327,8 @@ impl Engine {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let batch_id = self.inner.next_batch.fetch_add(1, Ordering::Relaxed);
+        // Batch 0 is reserved for records moved by compaction.
+        let batch_id = self.inner.next_batch.fetch_add(1, Ordering::Relaxed).max(1);
         let tracker = (mask.count_ones() > 1)
             .then(|| Arc::new(BatchTracker::new(batch_id, mask, self.inner.shards.clone())));
         let (dones, pending) = fan_in(mask.count_ones() as usize);
@@ -402,6 +403,9 @@ impl Engine {
             &checkpoint::encode_head(epoch, next_batch),
         )?;
         self.inner.epoch.store(epoch, Ordering::Release);
+        for shard in 0..self.inner.shards.len() {
+            let _ = self.send(shard, Request::Committed { epoch });
+        }
         self.inner
             .written_since_checkpoint
             .store(0, Ordering::Relaxed);
@@ -567,6 +571,56 @@ mod tests {
         assert_eq!(engine.read(id(3, 8)).wait().unwrap(), None);
         assert_eq!(engine.read(id(3, 9)).wait().unwrap(), Some(vec![9u8; 4096]));
         assert_eq!(engine.stats().unwrap().live_sectors, 98);
+        engine.shutdown().unwrap();
+    }
+
+    #[test]
+    fn compaction_reclaims_dead_segments_and_keeps_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = EngineConfig::new(dir.path());
+        config.shards = 2;
+        config.segment_bytes = 512 << 10;
+        config.chunk_bytes = 128 << 10;
+        let engine = Engine::create(config.clone(), 1).unwrap();
+        // Overwrite the same 64 sectors many times: most segments end up dead.
+        for round in 0..40u8 {
+            let mut batch = WriteBatch::new();
+            for index in 0..64 {
+                batch.put(id(9, index), vec![round; 4096]);
+            }
+            engine.write(batch).wait().unwrap();
+        }
+        engine.flush().wait().unwrap();
+        let before = engine.stats().unwrap();
+        engine.checkpoint().unwrap();
+        let mut after = engine.stats().unwrap();
+        for _ in 0..200 {
+            if after.disk_bytes * 2 < before.disk_bytes {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            after = engine.stats().unwrap();
+        }
+        assert!(
+            after.disk_bytes * 2 < before.disk_bytes,
+            "compaction did not reclaim space: {before:?} -> {after:?}"
+        );
+        for index in 0..64 {
+            assert_eq!(
+                engine.read(id(9, index)).wait().unwrap(),
+                Some(vec![39u8; 4096])
+            );
+        }
+        drop(engine);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let engine = Engine::open(config).unwrap();
+        for index in 0..64 {
+            assert_eq!(
+                engine.read(id(9, index)).wait().unwrap(),
+                Some(vec![39u8; 4096])
+            );
+        }
+        assert_eq!(engine.stats().unwrap().live_sectors, 64);
         engine.shutdown().unwrap();
     }
 }

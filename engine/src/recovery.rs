@@ -137,7 +137,8 @@ pub(crate) fn recover(config: &EngineConfig) -> Result<Recovered, EngineError> {
             ..
         } = scan;
         for record in records {
-            if !batches.get(&record.batch).is_some_and(BatchShape::complete) {
+            // Batch 0 is a record moved by compaction: always whole on its own.
+            if record.batch != 0 && !batches.get(&record.batch).is_some_and(BatchShape::complete) {
                 continue;
             }
             let previous = match record.kind {

@@ -21,6 +21,8 @@ use blocktree_core::sector::SectorId;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use io_uring::{opcode, types};
 
+mod compaction;
+
 use crate::checkpoint::{self, ShardCheckpoint};
 use crate::engine::{Done, EngineConfig};
 use crate::error::EngineError;
@@ -67,6 +69,10 @@ pub(crate) enum Request {
     },
     Shutdown {
         done: Done,
+    },
+    /// The checkpoint of `epoch` is in force: segments before it may be compacted.
+    Committed {
+        epoch: u64,
     },
     /// Write this shard's checkpoint of `epoch` once no batch is in flight here.
     Checkpoint {
@@ -150,6 +156,9 @@ struct PartRecord {
     kind: RecordKind,
     len: u32,
     loc: Option<Loc>,
+    /// For a record moved by compaction: the location it replaces. It applies
+    /// only if the key still points there.
+    relocates: Option<Loc>,
 }
 
 struct PartState {
@@ -220,6 +229,13 @@ struct Shard {
     dirty: BTreeSet<u32>,
     shutdown: Option<Done>,
     checkpoint: Option<(u64, oneshot::Sender<Result<(), EngineError>>)>,
+    /// Keys with a write in the log that is not applied yet (compaction leaves
+    /// them alone, so log order and apply order agree for every key).
+    pending_keys: HashMap<Key, u32>,
+    /// (epoch, replay segment) of the last checkpoint this shard wrote.
+    last_snapshot: Option<(u64, u32)>,
+    compaction: compaction::Compaction,
+    shard_id: usize,
 }
 
 /// The shard thread's body.
@@ -268,7 +284,7 @@ fn refuse(request: Request, error: impl Fn() -> EngineError) {
         Request::Checkpoint { reply, .. } => {
             let _ = reply.send(Err(error()));
         }
-        Request::Resolve { .. } => {}
+        Request::Resolve { .. } | Request::Committed { .. } => {}
     }
 }
 
@@ -311,6 +327,10 @@ impl Shard {
             dirty: BTreeSet::new(),
             shutdown: None,
             checkpoint: None,
+            pending_keys: HashMap::new(),
+            last_snapshot: None,
+            compaction: compaction::Compaction::default(),
+            shard_id: id,
             config,
         })
     }
@@ -331,9 +351,19 @@ impl Shard {
                     done(Ok(()));
                     return Ok(());
                 }
-                match requests.recv() {
-                    Ok(request) => self.handle(request),
-                    Err(_) => return Ok(()),
+                if self.compaction_pending() {
+                    match requests.recv_timeout(compaction::IDLE_TICK) {
+                        Ok(request) => self.handle(request),
+                        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+                            self.compaction.credit_idle();
+                        }
+                        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(()),
+                    }
+                } else {
+                    match requests.recv() {
+                        Ok(request) => self.handle(request),
+                        Err(_) => return Ok(()),
+                    }
                 }
             }
             for _ in 0..MAX_DRAIN {
@@ -349,6 +379,7 @@ impl Shard {
                 }
             }
             self.drain_queues();
+            self.compact_step();
             self.finish_chunk();
             self.start_sync();
             let ring_error =
@@ -374,6 +405,13 @@ impl Shard {
                 let _ = reply.send(Ok(self.stats()));
             }
             Request::Checkpoint { epoch, reply } => self.checkpoint = Some((epoch, reply)),
+            Request::Committed { epoch } => {
+                if let Some((snapshot_epoch, replay_segment)) = self.last_snapshot
+                    && snapshot_epoch == epoch
+                {
+                    self.compaction.compactable_below = replay_segment;
+                }
+            }
             Request::Shutdown { done } => {
                 // A clean stop leaves everything durable.
                 self.sync_waiters.push(Box::new(|_| {}));
@@ -399,6 +437,7 @@ impl Shard {
             return;
         };
         self.active = None;
+        self.last_snapshot = Some((epoch, self.next_segment));
         let snapshot = ShardCheckpoint {
             epoch,
             replay_segment: self.next_segment,
@@ -459,6 +498,12 @@ impl Shard {
             self.start_read(key, id, reply);
         }
         while let Some(part) = self.queued_writes.pop_front() {
+            let bytes: usize = part
+                .records
+                .iter()
+                .map(|(_, data)| data.as_ref().map_or(0, Vec::len))
+                .sum();
+            self.compaction.credit_user_write(bytes);
             if let Err(part) = self.add_part(part) {
                 self.queued_writes.push_front(part);
                 break;
@@ -519,7 +564,7 @@ impl Shard {
 
     /// Adds a part's records to the chunk being built; gives the part back if no
     /// chunk buffer is free.
-    fn add_part(&mut self, part: BatchPart) -> Result<(), BatchPart> {
+    fn add_part(&mut self, part: BatchPart) -> Result<usize, BatchPart> {
         if self.building.is_none() && !self.begin_chunk(&part) {
             return Err(part);
         }
@@ -553,6 +598,7 @@ impl Shard {
             }
         };
         for (record_index, (key, data)) in records.into_iter().enumerate() {
+            *self.pending_keys.entry(key).or_default() += 1;
             let (kind, payload) = match &data {
                 Some(data) => (RecordKind::Put, data.as_slice()),
                 None => (RecordKind::Delete, &[][..]),
@@ -590,13 +636,14 @@ impl Shard {
                     kind,
                     len: payload.len() as u32,
                     loc: None,
+                    relocates: None,
                 });
                 if first_in_chunk {
                     state.chunks_left += 1;
                 }
             }
         }
-        Ok(())
+        Ok(part_slot)
     }
 
     fn chunk_fits(&self, payload_len: usize) -> bool {
@@ -1045,11 +1092,17 @@ impl Shard {
     }
 
     fn take_part(&mut self, part_slot: usize) -> Option<PartState> {
-        let part = self.parts.get_mut(part_slot)?.take();
-        if part.is_some() {
-            self.free_parts.push(part_slot);
+        let part = self.parts.get_mut(part_slot)?.take()?;
+        self.free_parts.push(part_slot);
+        for record in &part.records {
+            if let Some(count) = self.pending_keys.get_mut(&record.key) {
+                *count -= 1;
+                if *count == 0 {
+                    self.pending_keys.remove(&record.key);
+                }
+            }
         }
-        part
+        Some(part)
     }
 
     /// Makes a written part visible. A record older in the log than what the index
@@ -1062,17 +1115,28 @@ impl Shard {
         };
         let multi_shard_pending = !self.awaiting_resolve.is_empty();
         let _ = part.shards;
-        let updates: Vec<(Key, RecordKind, Loc)> = part
+        let updates: Vec<(Key, RecordKind, Loc, Option<Loc>)> = part
             .records
             .iter()
-            .filter_map(|record| record.loc.map(|loc| (record.key, record.kind, loc)))
+            .filter_map(|record| {
+                record
+                    .loc
+                    .map(|loc| (record.key, record.kind, loc, record.relocates))
+            })
             .collect();
-        for (key, kind, loc) in updates {
-            let newer_exists = self.index.get(&key).is_some_and(|current| {
-                (current.segment, current.offset) > (loc.segment, loc.offset)
-            }) || self.recent_deletes.get(&key).is_some_and(|deleted| {
-                (deleted.segment, deleted.offset) > (loc.segment, loc.offset)
-            });
+        for (key, kind, loc, relocates) in updates {
+            if let Some(old) = relocates
+                && self.index.get(&key) != Some(old)
+            {
+                continue;
+            }
+            let newer_exists = relocates.is_none()
+                && self.index.get(&key).is_some_and(|current| {
+                    (current.segment, current.offset) > (loc.segment, loc.offset)
+                })
+                || self.recent_deletes.get(&key).is_some_and(|deleted| {
+                    (deleted.segment, deleted.offset) > (loc.segment, loc.offset)
+                });
             if newer_exists {
                 continue;
             }

@@ -1,0 +1,220 @@
+//! Compaction: moving the live records out of mostly dead segments, online, with
+//! a bounded share of the shard's writes, then deleting the segments.
+//!
+//! A segment may be compacted only once a committed checkpoint lies after it:
+//! recovery then never needs to scan it, and every record it still holds that
+//! matters is either in that checkpoint's index or superseded by the log tail.
+//! Moved records are appended like any write (as standalone batch 0, which
+//! recovery treats as complete) and apply only if their key still points at the
+//! old place. Keys with a write in flight are left alone, so that for every key
+//! the log order is the order writes were applied. A victim is deleted only once
+//! the chunks holding its moved records are synced.
+//!
+//! The budget: compaction may append half as many bytes as users wrote (at most
+//! a third of the shard's write traffic), plus a step's worth each idle tick.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::os::unix::fs::FileExt;
+use std::time::Duration;
+
+use super::{BatchPart, Shard};
+use crate::index::Loc;
+use crate::record::{self, BLOCK, Key, RECORD_HEADER_LEN, align_up};
+use crate::uring::AlignedBuf;
+
+/// How long an idle shard with compaction work waits for requests.
+pub(super) const IDLE_TICK: Duration = Duration::from_millis(20);
+/// The most bytes one step moves.
+const STEP_BYTES: i64 = 4 << 20;
+/// Compaction credit per byte users write.
+const SHARE_NUMERATOR: i64 = 1;
+const SHARE_DENOMINATOR: i64 = 2;
+
+#[derive(Default)]
+pub(super) struct Compaction {
+    /// Segments numbered below this are covered by a committed checkpoint.
+    pub compactable_below: u32,
+    credit: i64,
+    victim: Option<Victim>,
+    /// Emptied segments, deletable once the shard has synced this sequence.
+    awaiting_sync: Vec<(u32, u64)>,
+    /// Segments holding a corrupt live record: never picked again.
+    stuck: BTreeSet<u32>,
+    /// Bytes moved so far, for statistics.
+    pub moved_bytes: u64,
+}
+
+struct Victim {
+    id: u32,
+    entries: VecDeque<(Key, Loc)>,
+}
+
+impl Compaction {
+    pub fn credit_user_write(&mut self, bytes: usize) {
+        self.credit =
+            (self.credit + bytes as i64 * SHARE_NUMERATOR / SHARE_DENOMINATOR).min(4 * STEP_BYTES);
+    }
+
+    pub fn credit_idle(&mut self) {
+        self.credit = (self.credit + STEP_BYTES).min(4 * STEP_BYTES);
+    }
+}
+
+impl Shard {
+    fn pick_victim(&self) -> Option<u32> {
+        self.segments
+            .values()
+            .filter(|segment| {
+                segment.id < self.compaction.compactable_below
+                    && Some(segment.id) != self.active
+                    && !self.compaction.stuck.contains(&segment.id)
+                    && !self
+                        .compaction
+                        .awaiting_sync
+                        .iter()
+                        .any(|(id, _)| *id == segment.id)
+                    && segment.live_bytes * 2 < segment.size
+            })
+            .min_by_key(|segment| segment.live_bytes * 1000 / segment.size.max(1))
+            .map(|segment| segment.id)
+    }
+
+    /// True when there is compaction work that idle time should advance.
+    pub(super) fn compaction_pending(&self) -> bool {
+        self.compaction.victim.is_some()
+            || !self.compaction.awaiting_sync.is_empty()
+            || self.pick_victim().is_some()
+    }
+
+    /// Moves up to a step's worth of live records out of the current victim.
+    pub(super) fn compact_step(&mut self) {
+        self.delete_synced_victims();
+        if self.checkpoint.is_some() || self.compaction.credit <= 0 {
+            return;
+        }
+        if self.compaction.victim.is_none() {
+            let Some(id) = self.pick_victim() else {
+                return;
+            };
+            let entries = self
+                .index
+                .iter()
+                .filter(|(_, loc)| loc.segment == id)
+                .map(|(key, loc)| (*key, loc))
+                .collect();
+            self.compaction.victim = Some(Victim { id, entries });
+        }
+        let mut budget = self.compaction.credit.min(STEP_BYTES);
+        while budget > 0 {
+            let Some(victim) = self.compaction.victim.as_mut() else {
+                return;
+            };
+            let Some((key, loc)) = victim.entries.pop_front() else {
+                break;
+            };
+            let id = victim.id;
+            if self.index.get(&key) != Some(loc) || self.pending_keys.contains_key(&key) {
+                continue;
+            }
+            let Some(payload) = self.read_live(&loc) else {
+                tracing::warn!(
+                    segment = id,
+                    "corrupt live record: segment kept, not compacted"
+                );
+                self.compaction.stuck.insert(id);
+                self.compaction.victim = None;
+                return;
+            };
+            let part = BatchPart {
+                batch: 0,
+                shards: 1 << self.shard_id,
+                records: vec![(key, Some(payload))],
+                durable: false,
+                tracker: None,
+                done: Box::new(|_| {}),
+            };
+            match self.add_part(part) {
+                Ok(slot) => {
+                    if let Some(Some(part)) = self.parts.get_mut(slot)
+                        && let Some(record) = part.records.first_mut()
+                    {
+                        record.relocates = Some(loc);
+                    }
+                    budget -= loc.len as i64 + RECORD_HEADER_LEN as i64;
+                    self.compaction.credit -= loc.len as i64 + RECORD_HEADER_LEN as i64;
+                    self.compaction.moved_bytes += loc.len as u64;
+                }
+                Err(_) => {
+                    if let Some(victim) = self.compaction.victim.as_mut() {
+                        victim.entries.push_front((key, loc));
+                    }
+                    return;
+                }
+            }
+        }
+        let Some(victim) = self.compaction.victim.as_ref() else {
+            return;
+        };
+        if !victim.entries.is_empty() {
+            return;
+        }
+        let id = victim.id;
+        let still_live = self.segments.get(&id).map_or(0, |s| s.live_bytes);
+        let still_pointed_at =
+            still_live > 0 && self.index.iter().any(|(_, loc)| loc.segment == id);
+        if still_pointed_at {
+            // Keys that had writes in flight: look again on a later step.
+            let entries = self
+                .index
+                .iter()
+                .filter(|(_, loc)| loc.segment == id)
+                .map(|(key, loc)| (*key, loc))
+                .collect();
+            self.compaction.victim = Some(Victim { id, entries });
+            return;
+        }
+        // The moved records are in the chunk being built (or written already):
+        // it gets sequence `next_sequence`. Ask for a sync to cover it.
+        self.compaction.awaiting_sync.push((id, self.next_sequence));
+        self.sync_waiters.push(Box::new(|_| {}));
+        self.compaction.victim = None;
+    }
+
+    /// Reads a live record synchronously for compaction; `None` if it is corrupt.
+    fn read_live(&self, loc: &Loc) -> Option<Vec<u8>> {
+        let segment = self.segments.get(&loc.segment)?;
+        let start = loc.offset & !(BLOCK as u64 - 1);
+        let end = align_up(
+            loc.offset as usize + RECORD_HEADER_LEN + loc.len as usize,
+            BLOCK,
+        ) as u64;
+        let mut buffer = AlignedBuf::new((end - start) as usize);
+        segment
+            .file
+            .read_exact_at(buffer.as_mut_slice(), start)
+            .ok()?;
+        let parsed =
+            record::parse_record(buffer.as_slice().get((loc.offset - start) as usize..)?).ok()?;
+        parsed.payload_intact.then(|| parsed.payload.to_vec())
+    }
+
+    fn delete_synced_victims(&mut self) {
+        let synced = self.synced_through;
+        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.compaction.awaiting_sync)
+            .into_iter()
+            .partition(|(_, sequence)| *sequence <= synced);
+        self.compaction.awaiting_sync = waiting;
+        for (id, _) in ready {
+            let pointed_at = self.index.iter().any(|(_, loc)| loc.segment == id);
+            if pointed_at {
+                continue;
+            }
+            if self.segments.remove(&id).is_some() {
+                let path = crate::segment::segment_path(&self.dir, id);
+                if let Err(error) = std::fs::remove_file(&path) {
+                    tracing::warn!(path = %path.display(), %error, "could not delete a compacted segment");
+                }
+            }
+        }
+    }
+}
