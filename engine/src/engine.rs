@@ -191,11 +191,10 @@ impl Engine {
         let mut threads = Vec::with_capacity(config.shards);
         for ((shard_id, receiver), state) in receivers.into_iter().enumerate().zip(recovered.shards)
         {
-            let peers = senders.clone();
             let config = config.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("btengine-{shard_id}"))
-                .spawn(move || shard::run(shard_id, config, state, receiver, peers))
+                .spawn(move || shard::run(shard_id, config, state, receiver))
                 .map_err(EngineError::io(
                     "spawning a shard thread for",
                     &config_dir(shard_id),

@@ -244,7 +244,6 @@ pub(crate) fn run(
     config: EngineConfig,
     state: ShardState,
     requests: Receiver<Request>,
-    _peers: Vec<Sender<Request>>,
 ) {
     let mut shard = match Shard::new(id, config, state) {
         Ok(shard) => shard,
