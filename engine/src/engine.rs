@@ -503,7 +503,12 @@ impl JoinCell {
             Err(poisoned) => poisoned.into_inner(),
         };
         if let Err(error) = result {
-            state.0.get_or_insert(error);
+            // The cause beats the consequence: a shard's own failure (NoSpace, Io)
+            // is reported rather than another shard's BatchAborted.
+            match &state.0 {
+                None | Some(EngineError::BatchAborted) => state.0 = Some(error),
+                Some(_) => {}
+            }
         }
         if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1
             && let Some(reply) = state.1.take()

@@ -19,7 +19,7 @@ use crate::checkpoint::{self, ShardCheckpoint};
 use crate::engine::EngineConfig;
 use crate::error::EngineError;
 use crate::index::{Index, Loc, MAX_SEGMENT};
-use crate::record::{self, BLOCK, ChunkHeader, Key, RecordError, RecordKind};
+use crate::record::{self, BLOCK, ChunkHeader, Key, RecordError, RecordKind, record_footprint};
 use crate::segment::{self, Segment};
 
 const LAYOUT_FILE: &str = "layout";
@@ -144,7 +144,7 @@ pub(crate) fn recover(config: &EngineConfig) -> Result<Recovered, EngineError> {
             let previous = match record.kind {
                 RecordKind::Put => {
                     if let Some(segment) = shard_segments.get_mut(&record.loc.segment) {
-                        segment.live_bytes += record.loc.len as u64;
+                        segment.live_bytes += record_footprint(record.loc.len as usize) as u64;
                     }
                     index.insert(record.key, record.loc)
                 }
@@ -153,7 +153,9 @@ pub(crate) fn recover(config: &EngineConfig) -> Result<Recovered, EngineError> {
             if let Some(previous) = previous
                 && let Some(segment) = shard_segments.get_mut(&previous.segment)
             {
-                segment.live_bytes = segment.live_bytes.saturating_sub(previous.len as u64);
+                segment.live_bytes = segment
+                    .live_bytes
+                    .saturating_sub(record_footprint(previous.len as usize) as u64);
             }
         }
         let next_segment = shard_segments.keys().next_back().map_or(1, |last| last + 1);
@@ -202,7 +204,7 @@ fn scan_shard(
     for id in segment::list(&dir)? {
         let mut segment = Segment::open(&dir, id, config.direct_io)?;
         if id >= replay_segment {
-            scan_segment(&segment::segment_path(&dir, id), id, &mut scan)?;
+            segment.written = scan_segment(&segment::segment_path(&dir, id), id, &mut scan)?;
         } else {
             segment.live_bytes = live.get(&id).copied().unwrap_or(0);
         }
@@ -236,9 +238,11 @@ struct ScanState {
     max_batch: u64,
 }
 
-fn scan_segment(path: &Path, id: u32, scan: &mut ScanState) -> Result<(), EngineError> {
+/// Scans one segment into `scan`; returns where its last valid chunk ends.
+fn scan_segment(path: &Path, id: u32, scan: &mut ScanState) -> Result<u64, EngineError> {
     let bytes = fs::read(path).map_err(EngineError::io("reading segment", path))?;
     let mut position = 0usize;
+    let mut written_end = 0usize;
     let first_new = scan.records.len();
     while position + record::CHUNK_HEADER_LEN <= bytes.len() {
         let header = match ChunkHeader::parse(&bytes[position..]) {
@@ -278,6 +282,7 @@ fn scan_segment(path: &Path, id: u32, scan: &mut ScanState) -> Result<(), Engine
         scan.last_sequence = header.sequence;
         scan.synced_through = scan.synced_through.max(header.synced_through);
         position += header.disk_len().max(BLOCK);
+        written_end = position;
     }
     // A damaged payload in a chunk that was synced is corruption: keep the record
     // so reads report it. In a chunk never synced it is a torn write: drop it, and
@@ -286,5 +291,5 @@ fn scan_segment(path: &Path, id: u32, scan: &mut ScanState) -> Result<(), Engine
     let mut kept = scan.records.split_off(first_new);
     kept.retain(|record| record.intact || record.sequence <= synced);
     scan.records.extend(kept);
-    Ok(())
+    Ok(written_end as u64)
 }

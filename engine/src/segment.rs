@@ -46,7 +46,9 @@ pub(crate) struct Segment {
     pub file: Arc<File>,
     /// Bytes allocated on disk.
     pub size: u64,
-    /// Payload bytes of the records the index still points to.
+    /// Bytes written into the segment: the end of its last chunk.
+    pub written: u64,
+    /// On-disk bytes of the records the index still points to.
     pub live_bytes: u64,
 }
 
@@ -99,8 +101,16 @@ impl Segment {
             id,
             file: Arc::new(file),
             size,
+            written: 0,
             live_bytes: 0,
         })
+    }
+
+    /// Gives back the allocated space past what was written, once no more will be.
+    pub fn seal(&mut self) {
+        if self.written < self.size && self.file.set_len(self.written).is_ok() {
+            self.size = self.written;
+        }
     }
 
     /// Opens an existing segment.
@@ -124,6 +134,7 @@ impl Segment {
             id,
             file: Arc::new(file),
             size,
+            written: size,
             live_bytes: 0,
         })
     }

@@ -1,7 +1,8 @@
 //! Compaction: moving the live records out of mostly dead segments, online, with
 //! a bounded share of the shard's writes, then deleting the segments.
 //!
-//! A segment may be compacted only once a committed checkpoint lies after it:
+//! A segment is a victim when less than half of what was written into it is
+//! still live. A segment may be compacted only once a committed checkpoint lies after it:
 //! recovery then never needs to scan it, and every record it still holds that
 //! matters is either in that checkpoint's index or superseded by the log tail.
 //! Moved records are appended like any write (as standalone batch 0, which
@@ -73,9 +74,10 @@ impl Shard {
                         .awaiting_sync
                         .iter()
                         .any(|(id, _)| *id == segment.id)
-                    && segment.live_bytes * 2 < segment.size
+                    && segment.written > 0
+                    && segment.live_bytes * 2 < segment.written
             })
-            .min_by_key(|segment| segment.live_bytes * 1000 / segment.size.max(1))
+            .min_by_key(|segment| segment.live_bytes * 1000 / segment.written)
             .map(|segment| segment.id)
     }
 
@@ -173,9 +175,10 @@ impl Shard {
             self.compaction.victim = Some(Victim { id, entries });
             return;
         }
-        // The moved records are in the chunk being built (or written already):
-        // it gets sequence `next_sequence`. Ask for a sync to cover it.
-        self.compaction.awaiting_sync.push((id, self.next_sequence));
+        // The moved records are in the chunk being built, which will get sequence
+        // `next_sequence`, or in chunks already written. Ask for a sync to cover them.
+        let last_chunk = self.next_sequence - u64::from(self.building.is_none());
+        self.compaction.awaiting_sync.push((id, last_chunk));
         self.sync_waiters.push(Box::new(|_| {}));
         self.compaction.victim = None;
     }

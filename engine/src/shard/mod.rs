@@ -236,15 +236,12 @@ struct Shard {
     last_snapshot: Option<(u64, u32)>,
     compaction: compaction::Compaction,
     shard_id: usize,
+    /// Payload bytes of the live sectors.
+    live_payload: u64,
 }
 
 /// The shard thread's body.
-pub(crate) fn run(
-    id: usize,
-    config: EngineConfig,
-    state: ShardState,
-    requests: Receiver<Request>,
-) {
+pub(crate) fn run(id: usize, config: EngineConfig, state: ShardState, requests: Receiver<Request>) {
     let mut shard = match Shard::new(id, config, state) {
         Ok(shard) => shard,
         Err(error) => {
@@ -296,6 +293,7 @@ impl Shard {
         buffers.extend((0..READ_BUFFERS).map(|_| AlignedBuf::new(READ_SLOT)));
         let ring = Ring::new(RING_ENTRIES, buffers)
             .map_err(EngineError::io("setting up io_uring for", &dir))?;
+        let live_payload = state.index.iter().map(|(_, loc)| loc.len as u64).sum();
         Ok(Shard {
             dir,
             ring,
@@ -330,6 +328,7 @@ impl Shard {
             last_snapshot: None,
             compaction: compaction::Compaction::default(),
             shard_id: id,
+            live_payload,
             config,
         })
     }
@@ -435,7 +434,7 @@ impl Shard {
         let Some((epoch, reply)) = self.checkpoint.take() else {
             return;
         };
-        self.active = None;
+        self.seal_active();
         self.last_snapshot = Some((epoch, self.next_segment));
         let snapshot = ShardCheckpoint {
             epoch,
@@ -464,7 +463,7 @@ impl Shard {
     fn stats(&self) -> ShardStats {
         ShardStats {
             live_sectors: self.index.len() as u64,
-            live_bytes: self.segments.values().map(|s| s.live_bytes).sum(),
+            live_bytes: self.live_payload,
             disk_bytes: self.segments.values().map(|s| s.size).sum(),
             segments: self.segments.len() as u64,
             index_bytes: self.index.heap_bytes() as u64,
@@ -755,9 +754,13 @@ impl Shard {
             if self.write_position + len <= size {
                 let position = self.write_position;
                 self.write_position += len;
+                if let Some(segment) = self.segments.get_mut(&active) {
+                    segment.written = self.write_position;
+                }
                 return Ok((active, position));
             }
         }
+        self.seal_active();
         if self.next_segment > MAX_SEGMENT {
             return Err(EngineError::Layout(format!(
                 "{} has used all {MAX_SEGMENT} segment numbers",
@@ -771,7 +774,19 @@ impl Shard {
         self.segments.insert(id, segment);
         self.active = Some(id);
         self.write_position = len;
+        if let Some(segment) = self.segments.get_mut(&id) {
+            segment.written = len;
+        }
         Ok((id, 0))
+    }
+
+    /// Stops writing into the active segment and frees its unwritten tail.
+    fn seal_active(&mut self) {
+        if let Some(id) = self.active.take()
+            && let Some(segment) = self.segments.get_mut(&id)
+        {
+            segment.seal();
+        }
     }
 
     fn release(&mut self, buffer: Buffer) {
@@ -1142,8 +1157,9 @@ impl Shard {
             let previous = match kind {
                 RecordKind::Put => {
                     if let Some(segment) = self.segments.get_mut(&loc.segment) {
-                        segment.live_bytes += loc.len as u64;
+                        segment.live_bytes += record_footprint(loc.len as usize) as u64;
                     }
+                    self.live_payload += loc.len as u64;
                     self.index.insert(key, loc)
                 }
                 RecordKind::Delete => {
@@ -1153,10 +1169,15 @@ impl Shard {
                     self.index.remove(&key)
                 }
             };
+            if let Some(previous) = previous {
+                self.live_payload = self.live_payload.saturating_sub(previous.len as u64);
+            }
             if let Some(previous) = previous
                 && let Some(segment) = self.segments.get_mut(&previous.segment)
             {
-                segment.live_bytes = segment.live_bytes.saturating_sub(previous.len as u64);
+                segment.live_bytes = segment
+                    .live_bytes
+                    .saturating_sub(record_footprint(previous.len as usize) as u64);
             }
         }
     }
