@@ -270,6 +270,11 @@ impl Engine {
     /// Writes `batch` atomically. Completes once the batch is in the log and
     /// visible to reads; it survives a crash of this process, but only a later
     /// [`Engine::flush`] (or [`Engine::write_durable`]) makes it survive power loss.
+    ///
+    /// Atomic means: after completion every sector shows the batch, and after a
+    /// crash either all of it or none of it is there. While it is in flight, a
+    /// reader of sectors on different shards may see one shard's part a moment
+    /// before another's: reads are not snapshots across shards.
     pub fn write(&self, batch: WriteBatch) -> Pending<()> {
         self.submit(batch, false)
     }
