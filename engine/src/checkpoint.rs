@@ -38,15 +38,15 @@ const HEAD_LEN: usize = 28;
 pub(crate) const HEAD_FILE: &str = "checkpoint";
 
 /// What a shard's checkpoint holds.
-pub(crate) struct ShardCheckpoint {
-    pub epoch: u64,
+pub struct ShardCheckpoint {
+    pub(crate) epoch: u64,
     /// Segments from this number on are the log tail, to be scanned.
-    pub replay_segment: u32,
-    pub next_sequence: u64,
-    pub synced_through: u64,
-    /// Live payload bytes of each segment before `replay_segment`.
-    pub segments: BTreeMap<u32, u64>,
-    pub index: Index,
+    pub(crate) replay_segment: u32,
+    pub(crate) next_sequence: u64,
+    pub(crate) synced_through: u64,
+    /// Live on-disk bytes of each segment before `replay_segment`.
+    pub(crate) segments: BTreeMap<u32, u64>,
+    pub(crate) index: Index,
 }
 
 /// The path of shard `shard_dir`'s checkpoint of `epoch`.
@@ -65,6 +65,16 @@ fn le_u64(bytes: &[u8], at: usize) -> u64 {
 }
 
 impl ShardCheckpoint {
+    /// The epoch this checkpoint belongs to.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The number of index entries it holds.
+    pub fn entries(&self) -> usize {
+        self.index.len()
+    }
+
     /// Encodes the checkpoint.
     pub fn encode(&self) -> Vec<u8> {
         let entries = self.index.len();
@@ -192,7 +202,7 @@ pub(crate) fn encode_head(epoch: u64, next_batch: u64) -> [u8; HEAD_LEN] {
 }
 
 /// Decodes the store-level file: (epoch, next batch id).
-pub(crate) fn decode_head(bytes: &[u8]) -> Result<(u64, u64), String> {
+pub fn decode_head(bytes: &[u8]) -> Result<(u64, u64), String> {
     if bytes.len() != HEAD_LEN || bytes[..8] != HEAD_MAGIC {
         return Err("not a checkpoint head".into());
     }

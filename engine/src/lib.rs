@@ -22,7 +22,7 @@
 //! batch, recovery keeps only batches whose every record is present, and a batch
 //! that spans shards becomes visible only after every shard has written its part.
 
-mod checkpoint;
+pub mod checkpoint;
 mod engine;
 mod error;
 mod index;

@@ -43,7 +43,8 @@ impl Superblock {
         })
     }
 
-    fn encode(&self) -> [u8; LEN] {
+    /// The 60-byte on-disk form.
+    pub fn encode(&self) -> [u8; LEN] {
         let mut out = [0u8; LEN];
         out[..8].copy_from_slice(&MAGIC);
         out[8..16].copy_from_slice(&self.generation.to_le_bytes());
