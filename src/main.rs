@@ -24,6 +24,9 @@ enum Command {
     /// Create and inspect credential stores: root and runtime credentials, writecap
     /// requests and approvals, root backups (the original design's btprovision).
     Provision(cli::provision::ProvisionArgs),
+    /// Measure the sector engine: throughput and latency like fio, index memory and
+    /// start-up time.
+    Bench(cli::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +34,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Up(args) => cli::up::run(args),
         Command::Provision(args) => cli::provision::run(args),
+        Command::Bench(args) => cli::bench::run(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -6,13 +6,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use blocktree_core::sector::SectorId;
-use crossbeam_channel::Sender;
 
 use crate::error::EngineError;
 use crate::key::{KeyDeriver, shard_of};
 use crate::pending::Pending;
 use crate::record::{Key, MAX_PAYLOAD, MAX_SHARDS};
-use crate::shard::{BatchPart, BatchTracker, Request, ShardStats};
+use crate::shard::{BatchPart, BatchTracker, Request, ShardHandle, ShardStats, Wake};
 use crate::superblock::Superblock;
 use crate::{checkpoint, recovery, shard};
 
@@ -130,7 +129,7 @@ struct Inner {
     written_since_checkpoint: AtomicU64,
     checkpointing: AtomicBool,
     keys: KeyDeriver,
-    shards: Vec<Sender<Request>>,
+    shards: Vec<ShardHandle>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     superblock: Mutex<Superblock>,
     next_batch: AtomicU64,
@@ -185,16 +184,24 @@ impl Engine {
         let recovered = recovery::recover(&config)?;
         let next_batch = recovered.next_batch;
         let epoch = recovered.epoch;
-        let (senders, receivers): (Vec<_>, Vec<_>) = (0..config.shards)
-            .map(|_| crossbeam_channel::unbounded())
-            .unzip();
+        let mut handles = Vec::with_capacity(config.shards);
+        let mut receivers = Vec::with_capacity(config.shards);
+        for _ in 0..config.shards {
+            let (sender, receiver) = crossbeam_channel::unbounded();
+            let wake = Arc::new(
+                Wake::new().map_err(EngineError::io("creating an eventfd for", &config.dir))?,
+            );
+            handles.push(ShardHandle { sender, wake });
+            receivers.push(receiver);
+        }
         let mut threads = Vec::with_capacity(config.shards);
         for ((shard_id, receiver), state) in receivers.into_iter().enumerate().zip(recovered.shards)
         {
             let config = config.clone();
+            let wake = Arc::clone(&handles[shard_id].wake);
             let thread = std::thread::Builder::new()
                 .name(format!("btengine-{shard_id}"))
-                .spawn(move || shard::run(shard_id, config, state, receiver))
+                .spawn(move || shard::run(shard_id, config, state, receiver, wake))
                 .map_err(EngineError::io(
                     "spawning a shard thread for",
                     &config_dir(shard_id),
@@ -210,7 +217,7 @@ impl Engine {
                 checkpointing: AtomicBool::new(false),
                 dir: config.dir,
                 keys,
-                shards: senders,
+                shards: handles,
                 threads: Mutex::new(threads),
                 superblock: Mutex::new(superblock),
                 next_batch: AtomicU64::new(next_batch),

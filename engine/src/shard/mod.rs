@@ -18,10 +18,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use blocktree_core::sector::SectorId;
-use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use crossbeam_channel::{Receiver, TryRecvError};
 use io_uring::{opcode, types};
 
 mod compaction;
+mod wake;
+
+pub(crate) use wake::{ShardHandle, Wake};
 
 use crate::checkpoint::{self, ShardCheckpoint};
 use crate::engine::{Done, EngineConfig};
@@ -39,10 +42,12 @@ use crate::uring::{AlignedBuf, Ring};
 const RING_ENTRIES: u32 = 256;
 /// Registered chunk buffers per shard: how many group-commit chunks can be in
 /// flight at once.
-const CHUNK_BUFFERS: usize = 4;
+const CHUNK_BUFFERS: usize = 8;
 /// Registered read buffers per shard, and their size.
 const READ_BUFFERS: usize = 64;
 const READ_SLOT: usize = 128 << 10;
+/// The user data of the wake-up eventfd read; never an op slot.
+const WAKE_TOKEN: u64 = u64::MAX;
 /// Requests taken from the channel per round, so completions are never starved.
 const MAX_DRAIN: usize = 4096;
 
@@ -97,11 +102,11 @@ pub(crate) struct BatchTracker {
     shards: u32,
     remaining: AtomicU32,
     failed: AtomicBool,
-    peers: Vec<Sender<Request>>,
+    peers: Vec<ShardHandle>,
 }
 
 impl BatchTracker {
-    pub fn new(batch: u64, shards: u32, peers: Vec<Sender<Request>>) -> BatchTracker {
+    pub fn new(batch: u64, shards: u32, peers: Vec<ShardHandle>) -> BatchTracker {
         BatchTracker {
             batch,
             shards,
@@ -238,11 +243,21 @@ struct Shard {
     shard_id: usize,
     /// Payload bytes of the live sectors.
     live_payload: u64,
+    wake: Arc<Wake>,
+    /// Whether the eventfd read is queued in the ring.
+    wake_armed: bool,
+    wake_buffer: Box<[u8; 8]>,
 }
 
 /// The shard thread's body.
-pub(crate) fn run(id: usize, config: EngineConfig, state: ShardState, requests: Receiver<Request>) {
-    let mut shard = match Shard::new(id, config, state) {
+pub(crate) fn run(
+    id: usize,
+    config: EngineConfig,
+    state: ShardState,
+    requests: Receiver<Request>,
+    wake: Arc<Wake>,
+) {
+    let mut shard = match Shard::new(id, config, state, wake) {
         Ok(shard) => shard,
         Err(error) => {
             tracing::error!(shard = id, %error, "sector engine shard failed to start");
@@ -285,7 +300,12 @@ fn refuse(request: Request, error: impl Fn() -> EngineError) {
 }
 
 impl Shard {
-    fn new(id: usize, config: EngineConfig, state: ShardState) -> Result<Shard, EngineError> {
+    fn new(
+        id: usize,
+        config: EngineConfig,
+        state: ShardState,
+        wake: Arc<Wake>,
+    ) -> Result<Shard, EngineError> {
         let dir = segment::shard_dir(&config.dir, id);
         let mut buffers: Vec<AlignedBuf> = (0..CHUNK_BUFFERS)
             .map(|_| AlignedBuf::new(config.chunk_bytes))
@@ -329,6 +349,9 @@ impl Shard {
             compaction: compaction::Compaction::default(),
             shard_id: id,
             live_payload,
+            wake,
+            wake_armed: false,
+            wake_buffer: Box::new([0u8; 8]),
             config,
         })
     }
@@ -380,14 +403,21 @@ impl Shard {
             self.compact_step();
             self.finish_chunk();
             self.start_sync();
-            let ring_error =
-                |error| EngineError::io("submitting to io_uring in", self.dir.clone())(error);
             if self.in_flight > 0 {
-                match self.ring.ring.submit_and_wait(1) {
+                self.arm_wake();
+                self.wake.about_to_sleep();
+                let want = usize::from(requests.is_empty());
+                match self.ring.ring.submit_and_wait(want) {
                     Ok(_) => {}
                     Err(error) if error.raw_os_error() == Some(libc::EINTR) => {}
-                    Err(error) => return Err(ring_error(error)),
+                    Err(error) => {
+                        return Err(EngineError::io(
+                            "submitting to io_uring in",
+                            self.dir.clone(),
+                        )(error));
+                    }
                 }
+                self.wake.awake();
                 self.reap();
             }
         }
@@ -626,7 +656,9 @@ impl Shard {
             }
             building.used = builder.used();
             building.records = builder.records();
-            let first_in_chunk = !building.members.iter().any(|(slot, _)| *slot == part_slot);
+            // A part's records go into chunks one after another, so it is new to this
+            // chunk exactly when the chunk's last record is not its own.
+            let first_in_chunk = building.members.last().map(|(slot, _)| *slot) != Some(part_slot);
             building.members.push((part_slot, record_index));
             if let Some(Some(state)) = self.parts.get_mut(part_slot) {
                 state.records.push(PartRecord {
@@ -875,6 +907,25 @@ impl Shard {
         }
     }
 
+    /// Queues a read of the wake-up eventfd, unless one is queued already.
+    fn arm_wake(&mut self) {
+        if self.wake_armed {
+            return;
+        }
+        let entry = opcode::Read::new(
+            types::Fd(self.wake.fd()),
+            self.wake_buffer.as_mut_ptr(),
+            self.wake_buffer.len() as u32,
+        )
+        .build()
+        .user_data(WAKE_TOKEN);
+        // SAFETY: the 8-byte buffer is a Box owned by the shard, which outlives
+        // the ring's use of it (the read completes or the ring is dropped first).
+        if unsafe { self.ring.push(&entry) }.is_ok() {
+            self.wake_armed = true;
+        }
+    }
+
     fn reap(&mut self) {
         let completions: Vec<(u64, i32)> = self
             .ring
@@ -883,6 +934,10 @@ impl Shard {
             .map(|entry| (entry.user_data(), entry.result()))
             .collect();
         for (user_data, result) in completions {
+            if user_data == WAKE_TOKEN {
+                self.wake_armed = false;
+                continue;
+            }
             let slot = user_data as usize;
             let Some(op) = self.ops.get_mut(slot).and_then(Option::take) else {
                 continue;
