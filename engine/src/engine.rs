@@ -181,7 +181,7 @@ impl Engine {
 
     fn start(config: EngineConfig, superblock: Superblock) -> Result<Engine, EngineError> {
         let keys = KeyDeriver::new(superblock.salt);
-        let recovered = recovery::recover(&config)?;
+        let recovered = recovery::recover(&config, keys.log_id())?;
         let next_batch = recovered.next_batch;
         let epoch = recovered.epoch;
         let mut handles = Vec::with_capacity(config.shards);
@@ -637,6 +637,88 @@ mod tests {
             );
         }
         assert_eq!(engine.stats().unwrap().live_sectors, 64);
+        engine.shutdown().unwrap();
+    }
+
+    /// Appends a chunk holding a Put of `target` to the end of its shard's last
+    /// segment, stamped with `log_id`.
+    fn plant_chunk(dir: &std::path::Path, shards: usize, target: &SectorId, log_id: u64) {
+        use crate::record::{BLOCK, ChunkBuilder, RecordHeader, RecordKind};
+        use std::io::Write;
+        let superblock = Superblock::load(dir).unwrap().unwrap();
+        let key = KeyDeriver::new(superblock.salt).key(target);
+        let shard = shard_of(&key, shards);
+        let shard_dir = crate::segment::shard_dir(dir, shard);
+        let last = crate::segment::list(&shard_dir)
+            .unwrap()
+            .last()
+            .copied()
+            .unwrap_or(1);
+        let mut buffer = vec![0u8; BLOCK];
+        let mut builder = ChunkBuilder::new(&mut buffer);
+        let header = RecordHeader {
+            key,
+            payload_len: 5,
+            kind: RecordKind::Put,
+            batch: 1 << 40,
+            part_len: 1,
+            shards: 1 << shard,
+        };
+        builder.push(&header, b"forge").unwrap();
+        let len = builder.finish(1 << 50, 0, log_id);
+        let path = crate::segment::segment_path(&shard_dir, last);
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&path)
+            .unwrap();
+        let size = file.metadata().unwrap().len();
+        assert_eq!(size % BLOCK as u64, 0);
+        file.write_all(&buffer[..len]).unwrap();
+    }
+
+    #[test]
+    fn recovery_accepts_only_chunks_with_the_store_log_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = EngineConfig::new(dir.path());
+        config.shards = 2;
+        config.segment_bytes = 1 << 20;
+        config.chunk_bytes = 256 << 10;
+        let engine = Engine::create(config.clone(), 1).unwrap();
+        let mut batch = WriteBatch::new();
+        batch.put(id(1, 0), vec![1; 100]);
+        engine.write_durable(batch).wait().unwrap();
+        engine.shutdown().unwrap();
+        drop(engine);
+        // Remove the checkpoint so recovery scans every segment.
+        std::fs::remove_file(dir.path().join(checkpoint::HEAD_FILE)).unwrap();
+
+        plant_chunk(dir.path(), 2, &id(77, 0), 0x5eed);
+        let engine = Engine::open(config.clone()).unwrap();
+        assert_eq!(
+            engine.read(id(77, 0)).wait().unwrap(),
+            None,
+            "a forged chunk was replayed"
+        );
+        assert_eq!(engine.read(id(1, 0)).wait().unwrap(), Some(vec![1; 100]));
+        engine.shutdown().unwrap();
+        drop(engine);
+
+        // The same chunk with the store's log id is replayed: the check is what
+        // kept the forged one out.
+        std::fs::remove_file(dir.path().join(checkpoint::HEAD_FILE)).unwrap();
+        let superblock = Superblock::load(dir.path()).unwrap().unwrap();
+        plant_chunk(
+            dir.path(),
+            2,
+            &id(78, 0),
+            KeyDeriver::new(superblock.salt).log_id(),
+        );
+        let engine = Engine::open(config).unwrap();
+        assert_eq!(
+            engine.read(id(78, 0)).wait().unwrap(),
+            Some(b"forge".to_vec())
+        );
         engine.shutdown().unwrap();
     }
 }

@@ -21,6 +21,14 @@ impl KeyDeriver {
         KeyDeriver { salt }
     }
 
+    /// The store's log id, stamped in every chunk header (see [`crate::record`]).
+    pub fn log_id(&self) -> u64 {
+        let digest = HashAlgorithm::Sha256.hash(&[b"blocktree log id\0", &self.salt]);
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&digest.as_bytes()[..8]);
+        u64::from_le_bytes(word)
+    }
+
     /// The key of `id`.
     pub fn key(&self, id: &SectorId) -> Key {
         let digest = HashAlgorithm::Sha256.hash(&[&self.salt, &id.to_bytes()]);

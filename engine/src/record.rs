@@ -6,7 +6,8 @@
 //! ```text
 //! chunk  = header (64 B) · record* · zero padding to 4 KiB
 //! header = magic "BTC1" · version · pad 3 · sequence u64 · body_len u32 ·
-//!          record_count u32 · crc32c(header with crc = 0) u32 · synced_through u64 · pad 28
+//!          record_count u32 · crc32c(header with crc = 0) u32 · synced_through u64 ·
+//!          log_id u64 · pad 20
 //! record = header (48 B) · payload · zero padding to 16 B
 //! header = key [16] · payload_len u32 · kind u8 · pad 3 · batch u64 ·
 //!          part_len u32 · shards u32 · crc32c(header bytes 0..40) u32 · crc32c(payload) u32
@@ -24,6 +25,11 @@
 //! write never reached disk whole, and the batch is dropped) from a *corrupt* one
 //! (in a synced chunk, whose header still names its key: the sector is then
 //! refused on read, never served, and never silently replaced by an older version).
+//!
+//! `log_id` is a secret of the store (derived from its salt). Recovery accepts
+//! only chunk headers that carry it, so sector data that happens to, or is made
+//! to, look like a chunk header is never mistaken for one when recovery steps
+//! block by block past damage or through a reused segment.
 
 use thiserror::Error;
 
@@ -113,6 +119,8 @@ pub struct ChunkHeader {
     pub record_count: u32,
     /// Every chunk up to this sequence was durable when this one was built.
     pub synced_through: u64,
+    /// The store's log id; chunks of another store or forged ones lack it.
+    pub log_id: u64,
 }
 
 impl ChunkHeader {
@@ -147,6 +155,7 @@ impl ChunkHeader {
             body_len: le_u32(header, 16),
             record_count: le_u32(header, 20),
             synced_through: le_u64(header, 28),
+            log_id: le_u64(header, 36),
         };
         if parsed.body_len as usize > (MAX_PAYLOAD + RECORD_HEADER_LEN) * 1024 {
             return Err(RecordError::Invalid("chunk body length"));
@@ -162,6 +171,7 @@ impl ChunkHeader {
         out[16..20].copy_from_slice(&self.body_len.to_le_bytes());
         out[20..24].copy_from_slice(&self.record_count.to_le_bytes());
         out[28..36].copy_from_slice(&self.synced_through.to_le_bytes());
+        out[36..44].copy_from_slice(&self.log_id.to_le_bytes());
         let crc = crc32c::crc32c(&out[..CHUNK_HEADER_LEN]);
         out[24..28].copy_from_slice(&crc.to_le_bytes());
     }
@@ -368,13 +378,14 @@ impl<'a> ChunkBuilder<'a> {
 
     /// Writes the header and zero padding; returns the bytes to write (a multiple
     /// of [`BLOCK`]).
-    pub fn finish(self, sequence: u64, synced_through: u64) -> usize {
+    pub fn finish(self, sequence: u64, synced_through: u64, log_id: u64) -> usize {
         let body_len = (self.used - CHUNK_HEADER_LEN) as u32;
         ChunkHeader {
             sequence,
             body_len,
             record_count: self.records,
             synced_through,
+            log_id,
         }
         .write(self.buffer);
         let disk_len = align_up(self.used, BLOCK);
@@ -406,7 +417,7 @@ mod tests {
         let b = builder
             .push(&header(2, &[9u8; 5000]), &[9u8; 5000])
             .unwrap();
-        let len = builder.finish(42, 41);
+        let len = builder.finish(42, 41, 7);
         assert_eq!(len % BLOCK, 0);
         let (chunk, entries) = parse_chunk(&buffer[..len]).unwrap();
         assert_eq!(chunk.sequence, 42);
@@ -415,6 +426,7 @@ mod tests {
         assert_eq!(entries[0].0, a);
         assert_eq!(entries[1].0, b);
         assert_eq!(chunk.synced_through, 41);
+        assert_eq!(chunk.log_id, 7);
         let record = entries[1].1.clone().unwrap();
         assert_eq!(record.header, header(2, &[9u8; 5000]));
         assert_eq!(record.payload, &[9u8; 5000][..]);

@@ -57,6 +57,8 @@ pub(crate) struct ShardState {
     pub segments: BTreeMap<u32, Segment>,
     pub next_segment: u32,
     pub next_sequence: u64,
+    /// The store's log id, stamped in every chunk.
+    pub log_id: u64,
 }
 
 /// What opening a store found.
@@ -96,12 +98,12 @@ struct ShardScan {
 
 /// Loads each shard's checkpoint (if the store has one) and scans the log after
 /// it, the shards in parallel; then keeps the tail records of complete batches.
-pub(crate) fn recover(config: &EngineConfig) -> Result<Recovered, EngineError> {
+pub(crate) fn recover(config: &EngineConfig, log_id: u64) -> Result<Recovered, EngineError> {
     let head = checkpoint::load_head(&config.dir)?;
     let scans: Vec<Result<ShardScan, EngineError>> = std::thread::scope(|scope| {
         let workers: Vec<_> = (0..config.shards)
             .map(|shard| {
-                scope.spawn(move || scan_shard(config, shard, head.map(|(epoch, _)| epoch)))
+                scope.spawn(move || scan_shard(config, shard, head.map(|(epoch, _)| epoch), log_id))
             })
             .collect();
         workers
@@ -169,6 +171,7 @@ pub(crate) fn recover(config: &EngineConfig) -> Result<Recovered, EngineError> {
             segments: shard_segments,
             next_segment,
             next_sequence,
+            log_id,
         });
     }
     Ok(Recovered {
@@ -182,10 +185,14 @@ fn scan_shard(
     config: &EngineConfig,
     shard: usize,
     epoch: Option<u64>,
+    log_id: u64,
 ) -> Result<ShardScan, EngineError> {
     let dir = segment::shard_dir(&config.dir, shard);
     fs::create_dir_all(&dir).map_err(EngineError::io("creating", &dir))?;
-    let mut scan = ScanState::default();
+    let mut scan = ScanState {
+        log_id,
+        ..ScanState::default()
+    };
     let mut live = BTreeMap::new();
     let mut replay_segment = 0;
     let mut base = Index::default();
@@ -236,6 +243,7 @@ struct ScanState {
     last_sequence: u64,
     synced_through: u64,
     max_batch: u64,
+    log_id: u64,
 }
 
 /// Scans one segment into `scan`; returns where its last valid chunk ends.
@@ -246,8 +254,11 @@ fn scan_segment(path: &Path, id: u32, scan: &mut ScanState) -> Result<u64, Engin
     let first_new = scan.records.len();
     while position + record::CHUNK_HEADER_LEN <= bytes.len() {
         let header = match ChunkHeader::parse(&bytes[position..]) {
-            Ok(header) if header.sequence > scan.last_sequence => header,
-            // Unwritten space, a torn header or a stale chunk: look at the next block.
+            Ok(header) if header.sequence > scan.last_sequence && header.log_id == scan.log_id => {
+                header
+            }
+            // Unwritten space, a torn header, a stale chunk, or bytes that only
+            // look like a header: look at the next block.
             Ok(_) | Err(RecordError::NoMagic | RecordError::Checksum | RecordError::Version(_)) => {
                 position += BLOCK;
                 continue;

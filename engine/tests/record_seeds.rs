@@ -45,7 +45,7 @@ fn chunk(sequence: u64, synced: u64, records: &[(RecordHeader, Vec<u8>)], padded
     for (header, payload) in records {
         builder.push(header, payload).unwrap();
     }
-    builder.finish(sequence, synced);
+    builder.finish(sequence, synced, 0);
     if !padded {
         buffer.truncate(CHUNK_HEADER_LEN + body);
     }

@@ -14,7 +14,7 @@ use blocktree_fuzz::show;
 use libfuzzer_sys::fuzz_target;
 
 /// Builds a chunk of `records` and checks it parses back to them.
-fn rebuild(sequence: u64, synced_through: u64, records: &[(RecordHeader, &[u8])]) {
+fn rebuild(sequence: u64, synced_through: u64, log_id: u64, records: &[(RecordHeader, &[u8])]) {
     let body: usize = records.iter().map(|(header, _)| header.footprint()).sum();
     let mut buffer = vec![0u8; align_up(CHUNK_HEADER_LEN + body, BLOCK)];
     let mut builder = ChunkBuilder::new(&mut buffer);
@@ -25,7 +25,7 @@ fn rebuild(sequence: u64, synced_through: u64, records: &[(RecordHeader, &[u8])]
             None => panic!("a chunk sized for its records refused one"),
         }
     }
-    let len = builder.finish(sequence, synced_through);
+    let len = builder.finish(sequence, synced_through, log_id);
     assert_eq!(len, buffer.len());
     let parsed = ChunkHeader::parse(&buffer);
     let Ok(header) = parsed else {
@@ -92,7 +92,7 @@ fuzz_target!(|data: &[u8]| {
                 good.push((record.header, record.payload));
             }
         }
-        rebuild(chunk.sequence, chunk.synced_through, &good);
+        rebuild(chunk.sequence, chunk.synced_through, chunk.log_id, &good);
     }
 
     for start in [0, CHUNK_HEADER_LEN] {

@@ -247,6 +247,7 @@ struct Shard {
     /// Whether the eventfd read is queued in the ring.
     wake_armed: bool,
     wake_buffer: Box<[u8; 8]>,
+    log_id: u64,
 }
 
 /// The shard thread's body.
@@ -352,6 +353,7 @@ impl Shard {
             wake,
             wake_armed: false,
             wake_buffer: Box::new([0u8; 8]),
+            log_id: state.log_id,
             config,
         })
     }
@@ -735,8 +737,11 @@ impl Shard {
             Buffer::Fixed(index) => self.ring.buffers[*index as usize].as_mut_slice(),
             Buffer::Owned(owned) => owned.as_mut_slice(),
         };
-        let len = ChunkBuilder::resume(buffer, building.used, building.records)
-            .finish(sequence, self.synced_through);
+        let len = ChunkBuilder::resume(buffer, building.used, building.records).finish(
+            sequence,
+            self.synced_through,
+            self.log_id,
+        );
         let (segment, position) = match self.reserve(len as u64) {
             Ok(place) => place,
             Err(error) => {
