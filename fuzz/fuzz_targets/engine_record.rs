@@ -103,7 +103,7 @@ fuzz_target!(|data: &[u8]| {
         show(&record);
         if let Ok(record) = record {
             check_record(&record);
-            rebuild(1, 0, &[(record.header, record.payload)]);
+            rebuild(1, 0, 0, &[(record.header, record.payload)]);
         }
     }
 });
