@@ -59,6 +59,8 @@ pub(crate) struct ShardState {
     pub next_sequence: u64,
     /// The store's log id, stamped in every chunk.
     pub log_id: u64,
+    /// Retired segment files waiting to be reused.
+    pub spares: Vec<(std::path::PathBuf, u64)>,
 }
 
 /// What opening a store found.
@@ -166,12 +168,15 @@ pub(crate) fn recover(config: &EngineConfig, log_id: u64) -> Result<Recovered, E
                 "a shard has used up its segment numbers".into(),
             ));
         }
+        let shard_dir = segment::shard_dir(&config.dir, shards.len());
+        let spares = segment::list_spares(&shard_dir)?;
         shards.push(ShardState {
             index,
             segments: shard_segments,
             next_segment,
             next_sequence,
             log_id,
+            spares,
         });
     }
     Ok(Recovered {

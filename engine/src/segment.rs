@@ -40,6 +40,32 @@ pub(crate) fn list(shard_dir: &Path) -> Result<Vec<u32>, EngineError> {
     Ok(ids)
 }
 
+/// The path a retired segment `id` waits under until it is reused.
+pub(crate) fn spare_path(shard_dir: &Path, id: u32) -> PathBuf {
+    shard_dir.join(format!("spare-{id:08}.seg"))
+}
+
+/// The retired segment files in `shard_dir` with their sizes.
+pub(crate) fn list_spares(shard_dir: &Path) -> Result<Vec<(PathBuf, u64)>, EngineError> {
+    let mut spares = Vec::new();
+    let entries = fs::read_dir(shard_dir).map_err(EngineError::io("listing", shard_dir))?;
+    for entry in entries {
+        let entry = entry.map_err(EngineError::io("listing", shard_dir))?;
+        let is_spare = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|name| name.starts_with("spare-") && name.ends_with(".seg"));
+        if is_spare {
+            let size = entry
+                .metadata()
+                .map_err(EngineError::io("reading metadata of", entry.path()))?
+                .len();
+            spares.push((entry.path(), size));
+        }
+    }
+    Ok(spares)
+}
+
 /// An open segment file.
 pub(crate) struct Segment {
     pub id: u32,
@@ -111,6 +137,26 @@ impl Segment {
         if self.written < self.size && self.file.set_len(self.written).is_ok() {
             self.size = self.written;
         }
+    }
+
+    /// Reuses a retired segment file as segment `id`: its blocks are already
+    /// written, so writes into it are overwrites, which need no extent conversion
+    /// and make `fdatasync` cheap. What it held before has lower chunk sequences
+    /// than anything the shard writes now, so recovery skips it.
+    pub fn reuse(
+        shard_dir: &Path,
+        spare: &Path,
+        id: u32,
+        direct: bool,
+    ) -> Result<Segment, EngineError> {
+        let path = segment_path(shard_dir, id);
+        fs::rename(spare, &path).map_err(EngineError::io("reusing segment", &path))?;
+        File::open(shard_dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(EngineError::io("syncing", shard_dir))?;
+        let mut segment = Segment::open(shard_dir, id, direct)?;
+        segment.written = 0;
+        Ok(segment)
     }
 
     /// Opens an existing segment.

@@ -11,6 +11,10 @@
 //! the log order is the order writes were applied. A victim is deleted only once
 //! the chunks holding its moved records are synced.
 //!
+//! Emptied segments are kept (a few per shard) and reused for new segments:
+//! writing into blocks that were written before is an overwrite for the file
+//! system, much cheaper than a first write into freshly allocated space.
+//!
 //! The budget: compaction may append half as many bytes as users wrote (at most
 //! a third of the shard's write traffic), plus a step's worth each idle tick.
 
@@ -25,8 +29,12 @@ use crate::uring::AlignedBuf;
 
 /// How long an idle shard with compaction work waits for requests.
 pub(super) const IDLE_TICK: Duration = Duration::from_millis(20);
+/// Emptied segment files kept per shard for reuse.
+const MAX_SPARES: usize = 4;
 /// The most bytes one step moves.
-const STEP_BYTES: i64 = 4 << 20;
+const STEP_BYTES: i64 = 1 << 20;
+/// How much of a victim one read brings in.
+const WINDOW_BYTES: usize = 1 << 20;
 /// Compaction credit per byte users write.
 const SHARE_NUMERATOR: i64 = 1;
 const SHARE_DENOMINATOR: i64 = 2;
@@ -43,11 +51,24 @@ pub(super) struct Compaction {
     stuck: BTreeSet<u32>,
     /// Bytes moved so far, for statistics.
     pub moved_bytes: u64,
+    /// The last stretch of a victim read: (segment, offset, bytes).
+    window: Option<(u32, u64, AlignedBuf)>,
 }
 
 struct Victim {
     id: u32,
     entries: VecDeque<(Key, Loc)>,
+}
+
+impl Victim {
+    /// A victim whose live records are visited in the order they lie on disk.
+    fn new(id: u32, mut entries: Vec<(Key, Loc)>) -> Victim {
+        entries.sort_unstable_by_key(|(_, loc)| loc.offset);
+        Victim {
+            id,
+            entries: entries.into(),
+        }
+    }
 }
 
 impl Compaction {
@@ -104,7 +125,7 @@ impl Shard {
                 .filter(|(_, loc)| loc.segment == id)
                 .map(|(key, loc)| (*key, loc))
                 .collect();
-            self.compaction.victim = Some(Victim { id, entries });
+            self.compaction.victim = Some(Victim::new(id, entries));
         }
         let mut budget = self.compaction.credit.min(STEP_BYTES);
         while budget > 0 {
@@ -172,7 +193,7 @@ impl Shard {
                 .filter(|(_, loc)| loc.segment == id)
                 .map(|(key, loc)| (*key, loc))
                 .collect();
-            self.compaction.victim = Some(Victim { id, entries });
+            self.compaction.victim = Some(Victim::new(id, entries));
             return;
         }
         // The moved records are in the chunk being built, which will get sequence
@@ -183,22 +204,55 @@ impl Shard {
         self.compaction.victim = None;
     }
 
-    /// Reads a live record synchronously for compaction; `None` if it is corrupt.
-    fn read_live(&self, loc: &Loc) -> Option<Vec<u8>> {
+    /// Reads a live record for compaction; `None` if it is corrupt. Records are
+    /// visited in offset order and read through a window of [`WINDOW_BYTES`], so
+    /// moving a segment costs a few large sequential reads, not one per record.
+    fn read_live(&mut self, loc: &Loc) -> Option<Vec<u8>> {
         let segment = self.segments.get(&loc.segment)?;
-        let start = loc.offset & !(BLOCK as u64 - 1);
-        let end = align_up(
-            loc.offset as usize + RECORD_HEADER_LEN + loc.len as usize,
-            BLOCK,
-        ) as u64;
-        let mut buffer = AlignedBuf::new((end - start) as usize);
-        segment
-            .file
-            .read_exact_at(buffer.as_mut_slice(), start)
-            .ok()?;
+        let record_end = loc.offset + (RECORD_HEADER_LEN + loc.len as usize) as u64;
+        let covered = self
+            .compaction
+            .window
+            .as_ref()
+            .is_some_and(|(id, start, buffer)| {
+                *id == loc.segment
+                    && *start <= loc.offset
+                    && record_end <= start + buffer.len() as u64
+            });
+        if !covered {
+            let start = loc.offset & !(BLOCK as u64 - 1);
+            let wanted = align_up((record_end - start) as usize, BLOCK).max(WINDOW_BYTES);
+            let available = segment.size.saturating_sub(start) as usize;
+            let len = wanted.min(align_up(available, BLOCK)).max(BLOCK);
+            let mut buffer = AlignedBuf::new(len);
+            let readable = len.min(available);
+            segment
+                .file
+                .read_exact_at(&mut buffer.as_mut_slice()[..readable], start)
+                .ok()?;
+            self.compaction.window = Some((loc.segment, start, buffer));
+        }
+        let (_, start, buffer) = self.compaction.window.as_ref()?;
         let parsed =
             record::parse_record(buffer.as_slice().get((loc.offset - start) as usize..)?).ok()?;
         parsed.payload_intact.then(|| parsed.payload.to_vec())
+    }
+
+    /// Keeps an emptied segment file of at least half a segment for reuse, up to
+    /// [`MAX_SPARES`];
+    /// deletes the others.
+    fn retire(&mut self, segment: crate::segment::Segment) {
+        let path = crate::segment::segment_path(&self.dir, segment.id);
+        let keep = segment.size >= self.config.segment_bytes / 2 && self.spares.len() < MAX_SPARES;
+        let outcome = if keep {
+            let spare = crate::segment::spare_path(&self.dir, segment.id);
+            std::fs::rename(&path, &spare).map(|()| self.spares.push((spare, segment.size)))
+        } else {
+            std::fs::remove_file(&path)
+        };
+        if let Err(error) = outcome {
+            tracing::warn!(path = %path.display(), %error, "could not retire a compacted segment");
+        }
     }
 
     fn delete_synced_victims(&mut self) {
@@ -212,11 +266,8 @@ impl Shard {
             if pointed_at {
                 continue;
             }
-            if self.segments.remove(&id).is_some() {
-                let path = crate::segment::segment_path(&self.dir, id);
-                if let Err(error) = std::fs::remove_file(&path) {
-                    tracing::warn!(path = %path.display(), %error, "could not delete a compacted segment");
-                }
+            if let Some(segment) = self.segments.remove(&id) {
+                self.retire(segment);
             }
         }
     }

@@ -248,6 +248,8 @@ struct Shard {
     wake_armed: bool,
     wake_buffer: Box<[u8; 8]>,
     log_id: u64,
+    /// Retired segment files to write new segments into (see `Segment::reuse`).
+    spares: Vec<(PathBuf, u64)>,
 }
 
 /// The shard thread's body.
@@ -354,6 +356,7 @@ impl Shard {
             wake_armed: false,
             wake_buffer: Box::new([0u8; 8]),
             log_id: state.log_id,
+            spares: state.spares,
             config,
         })
     }
@@ -805,7 +808,20 @@ impl Shard {
             )));
         }
         let size = self.config.segment_bytes.max(len);
-        let segment = Segment::create(&self.dir, self.next_segment, size, self.config.direct_io)?;
+        // A spare was sealed to what was written into it, a little under a full
+        // segment: any spare of at least half a segment (and room for `len`) will do.
+        let usable = len.max(self.config.segment_bytes / 2);
+        let segment = match self
+            .spares
+            .iter()
+            .position(|(_, spare_size)| *spare_size >= usable)
+        {
+            Some(index) => {
+                let (spare, _) = self.spares.swap_remove(index);
+                Segment::reuse(&self.dir, &spare, self.next_segment, self.config.direct_io)?
+            }
+            None => Segment::create(&self.dir, self.next_segment, size, self.config.direct_io)?,
+        };
         let id = segment.id;
         self.next_segment += 1;
         self.segments.insert(id, segment);
