@@ -19,9 +19,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::error::EngineError;
@@ -166,28 +164,6 @@ pub(crate) fn remove_stale(shard_dir: &Path, keep: u64) {
             let _ = fs::remove_file(entry.path());
         }
     }
-}
-
-/// Writes `bytes` to `path` durably, through a temporary file.
-pub(crate) fn write_durably(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
-    let temporary = path.with_extension("tmp");
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temporary)
-        .map_err(EngineError::io("creating", &temporary))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .map_err(EngineError::io("writing", &temporary))?;
-    fs::rename(&temporary, path).map_err(EngineError::io("renaming", path))?;
-    if let Some(dir) = path.parent() {
-        File::open(dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(EngineError::io("syncing", dir))?;
-    }
-    Ok(())
 }
 
 /// Encodes the store-level file.

@@ -409,7 +409,7 @@ impl Engine {
             reply.wait()?;
         }
         let next_batch = self.inner.next_batch.load(Ordering::Acquire);
-        checkpoint::write_durably(
+        crate::durable::write_durably(
             &self.inner.dir.join(checkpoint::HEAD_FILE),
             &checkpoint::encode_head(epoch, next_batch),
         )?;

@@ -23,6 +23,7 @@
 //! that spans shards becomes visible only after every shard has written its part.
 
 pub mod checkpoint;
+mod durable;
 mod engine;
 mod error;
 mod index;

@@ -5,10 +5,8 @@
 //! cannot be stored under a salted key, since the salt is in it, so here it is a
 //! small file of its own, replaced atomically and checked with a CRC.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::fs;
+use std::path::Path;
 
 use crate::error::EngineError;
 
@@ -95,22 +93,7 @@ impl Superblock {
 
     /// Replaces the superblock of the store in `dir` atomically and durably.
     pub fn store(&self, dir: &Path) -> Result<(), EngineError> {
-        let path = dir.join(FILE_NAME);
-        let temporary: PathBuf = dir.join("superblock.tmp");
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temporary)
-            .map_err(EngineError::io("creating", &temporary))?;
-        file.write_all(&self.encode())
-            .and_then(|()| file.sync_all())
-            .map_err(EngineError::io("writing", &temporary))?;
-        fs::rename(&temporary, &path).map_err(EngineError::io("replacing", &path))?;
-        File::open(dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(EngineError::io("syncing", dir))
+        crate::durable::write_durably(&dir.join(FILE_NAME), &self.encode())
     }
 }
 

@@ -102,6 +102,17 @@ impl Shard {
             .map(|segment| segment.id)
     }
 
+    /// Segment `id` as a victim: the live records the index has in it.
+    fn victim(&self, id: u32) -> Victim {
+        let entries = self
+            .index
+            .iter()
+            .filter(|(_, loc)| loc.segment == id)
+            .map(|(key, loc)| (*key, loc))
+            .collect();
+        Victim::new(id, entries)
+    }
+
     /// True when there is compaction work that idle time should advance.
     pub(super) fn compaction_pending(&self) -> bool {
         self.compaction.victim.is_some()
@@ -119,13 +130,7 @@ impl Shard {
             let Some(id) = self.pick_victim() else {
                 return;
             };
-            let entries = self
-                .index
-                .iter()
-                .filter(|(_, loc)| loc.segment == id)
-                .map(|(key, loc)| (*key, loc))
-                .collect();
-            self.compaction.victim = Some(Victim::new(id, entries));
+            self.compaction.victim = Some(self.victim(id));
         }
         let mut budget = self.compaction.credit.min(STEP_BYTES);
         while budget > 0 {
@@ -187,13 +192,7 @@ impl Shard {
             still_live > 0 && self.index.iter().any(|(_, loc)| loc.segment == id);
         if still_pointed_at {
             // Keys that had writes in flight: look again on a later step.
-            let entries = self
-                .index
-                .iter()
-                .filter(|(_, loc)| loc.segment == id)
-                .map(|(key, loc)| (*key, loc))
-                .collect();
-            self.compaction.victim = Some(Victim::new(id, entries));
+            self.compaction.victim = Some(self.victim(id));
             return;
         }
         // The moved records are in the chunk being built, which will get sequence

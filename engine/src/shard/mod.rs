@@ -487,7 +487,7 @@ impl Shard {
         let writer = std::thread::Builder::new()
             .name("btengine-checkpoint".into())
             .spawn(move || {
-                let result = checkpoint::write_durably(&path, &snapshot.encode());
+                let result = crate::durable::write_durably(&path, &snapshot.encode());
                 let _ = reply.send(result);
             });
         if let Err(error) = writer {
