@@ -1,6 +1,6 @@
 //! `blocktree up`, run as the real binary on real data directories.
 //!
-//! Until the sector engine and the NBD export land (issues #3, #5), `up`
+//! Until the filesystem service and the NBD export land (issues #4, #5), `up`
 //! provisions a domain on first start, checks it on later starts, and says
 //! plainly that nothing is served.
 
@@ -10,7 +10,7 @@ use std::process::{Command, Output, Stdio};
 
 const BLOCKTREE: &str = env!("CARGO_BIN_EXE_blocktree");
 const PASSWORD: &str = "correct horse battery staple";
-const NOT_SERVING: &str = "The sector engine and NBD export are not built yet (issues #3, #5): \
+const NOT_SERVING: &str = "The filesystem service and NBD export are not built yet (issues #4, #5): \
 nothing is served; `blocktree up` will export nbd://127.0.0.1:10809/vol0 once they land.";
 
 /// Runs the binary with no password in the environment and stdin not a terminal.
@@ -323,7 +323,7 @@ fn up_help_explains_what_it_does_today() {
         "--root-password-file <FILE>",
         "BLOCKTREE_ROOT_PASSWORD",
         "printed once",
-        "issues #3, #5",
+        "issues #4, #5",
     ] {
         assert!(help.contains(needle), "{needle:?} missing from:\n{help}");
     }

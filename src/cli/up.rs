@@ -6,7 +6,7 @@
 //! request, approve by the root for the domain root path, import). Later starts
 //! reuse the store and check its writecap.
 //!
-//! The sector engine and the NBD export do not exist yet (issues #3 and #5), so
+//! The filesystem service and the NBD export do not exist yet (issues #4 and #5), so
 //! `up` says so and exits instead of pretending to serve.
 
 use anyhow::{Result, anyhow, bail};
@@ -31,7 +31,7 @@ const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 60 * 60);
 
 const PASSWORD_FLAG: &str = "--root-password-file";
 
-const NOT_SERVING: &str = "The sector engine and NBD export are not built yet (issues #3, #5): \
+const NOT_SERVING: &str = "The filesystem service and NBD export are not built yet (issues #4, #5): \
 nothing is served; `blocktree up` will export nbd://127.0.0.1:10809/vol0 once they land.";
 
 /// The long `--help` text of `blocktree up`.
@@ -47,7 +47,7 @@ $BLOCKTREE_ROOT_PASSWORD, else a prompt on the terminal. When none is available 
 not a terminal), a random password is generated and printed once to stderr; it is not \
 stored anywhere.
 
-Not built yet: the sector engine and the NBD export (issues #3, #5). Until they land, \
+Not built yet: the filesystem service and the NBD export (issues #4, #5). Until they land, \
 `up` provisions and checks the credentials, prints them, and exits.";
 
 /// Arguments of `blocktree up`.
