@@ -10,9 +10,9 @@
 //! could split a batch between a checkpoint and a log tail.
 //!
 //! ```text
-//! shard file = header (48 B) · segment* (12 B) · entry* (26 B) · crc32c u32
+//! shard file = header (56 B) · segment* (12 B) · entry* (26 B) · crc32c u32
 //! header     = magic "BTCKPT01" · epoch u64 · replay_segment u32 · segments u32 ·
-//!              next_sequence u64 · synced_through u64 · entries u64
+//!              next_sequence u64 · synced_through u64 · entries u64 · replay_offset u64
 //! segment    = id u32 · live_bytes u64
 //! entry      = key [16] · packed location [10]
 //! store file = magic "BTCKHEAD" · epoch u64 · next_batch u64 · crc32c u32
@@ -28,7 +28,7 @@ use crate::record::Key;
 
 const SHARD_MAGIC: [u8; 8] = *b"BTCKPT01";
 const HEAD_MAGIC: [u8; 8] = *b"BTCKHEAD";
-const HEADER_LEN: usize = 48;
+const HEADER_LEN: usize = 56;
 const SEGMENT_LEN: usize = 12;
 const ENTRY_LEN: usize = 16 + PACKED_LOC_LEN;
 const HEAD_LEN: usize = 28;
@@ -40,6 +40,8 @@ pub struct ShardCheckpoint {
     pub(crate) epoch: u64,
     /// Segments from this number on are the log tail, to be scanned.
     pub(crate) replay_segment: u32,
+    /// Where in `replay_segment` the tail starts.
+    pub(crate) replay_offset: u64,
     pub(crate) next_sequence: u64,
     pub(crate) synced_through: u64,
     /// Live on-disk bytes of each segment before `replay_segment`.
@@ -86,6 +88,7 @@ impl ShardCheckpoint {
         out.extend_from_slice(&self.next_sequence.to_le_bytes());
         out.extend_from_slice(&self.synced_through.to_le_bytes());
         out.extend_from_slice(&(entries as u64).to_le_bytes());
+        out.extend_from_slice(&self.replay_offset.to_le_bytes());
         for (id, live) in &self.segments {
             out.extend_from_slice(&id.to_le_bytes());
             out.extend_from_slice(&live.to_le_bytes());
@@ -139,6 +142,7 @@ impl ShardCheckpoint {
         Ok(ShardCheckpoint {
             epoch: le_u64(body, 8),
             replay_segment: le_u32(body, 16),
+            replay_offset: le_u64(body, 48),
             next_sequence: le_u64(body, 24),
             synced_through: le_u64(body, 32),
             segments: segment_map,
@@ -221,6 +225,7 @@ mod tests {
         let checkpoint = ShardCheckpoint {
             epoch: 3,
             replay_segment: 9,
+            replay_offset: 8192,
             next_sequence: 77,
             synced_through: 76,
             segments: BTreeMap::from([(1, 100), (4, 200)]),
@@ -230,6 +235,7 @@ mod tests {
         let decoded = ShardCheckpoint::decode(&bytes).unwrap();
         assert_eq!(decoded.epoch, 3);
         assert_eq!(decoded.replay_segment, 9);
+        assert_eq!(decoded.replay_offset, 8192);
         assert_eq!(decoded.next_sequence, 77);
         assert_eq!(decoded.segments, checkpoint.segments);
         assert_eq!(decoded.index.len(), 50);

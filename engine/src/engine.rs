@@ -30,8 +30,11 @@ pub struct EngineConfig {
     /// Open segments with O_DIRECT (falls back to buffered I/O with a warning where
     /// the file system refuses it).
     pub direct_io: bool,
-    /// Write a checkpoint after this many bytes of writes, so that opening the
-    /// store scans at most about this much log.
+    /// Write a checkpoint after this many bytes of writes, or after eight times
+    /// the size of the last checkpoint if that is more: opening the store then
+    /// scans about this much log at most, and checkpoints cost at most an eighth
+    /// of the write traffic. Frequent checkpoints also let compaction reclaim
+    /// (and reuse) dead segments sooner.
     pub checkpoint_bytes: u64,
 }
 
@@ -48,7 +51,7 @@ impl EngineConfig {
             segment_bytes: 256 << 20,
             chunk_bytes: 2 << 20,
             direct_io: true,
-            checkpoint_bytes: 1 << 30,
+            checkpoint_bytes: 256 << 20,
         }
     }
 
@@ -127,6 +130,8 @@ struct Inner {
     gate: RwLock<()>,
     epoch: AtomicU64,
     written_since_checkpoint: AtomicU64,
+    /// Bytes of writes after which the next checkpoint is due.
+    checkpoint_threshold: AtomicU64,
     checkpointing: AtomicBool,
     keys: KeyDeriver,
     shards: Vec<ShardHandle>,
@@ -214,6 +219,7 @@ impl Engine {
                 gate: RwLock::new(()),
                 epoch: AtomicU64::new(epoch),
                 written_since_checkpoint: AtomicU64::new(0),
+                checkpoint_threshold: AtomicU64::new(config.checkpoint_bytes),
                 checkpointing: AtomicBool::new(false),
                 dir: config.dir,
                 keys,
@@ -371,7 +377,7 @@ impl Engine {
             .written_since_checkpoint
             .fetch_add(bytes, Ordering::Relaxed)
             + bytes;
-        if written >= self.inner.checkpoint_bytes
+        if written >= self.inner.checkpoint_threshold.load(Ordering::Relaxed)
             && !self.inner.checkpointing.swap(true, Ordering::AcqRel)
         {
             let engine = self.clone();
@@ -394,6 +400,12 @@ impl Engine {
     /// instead of scanning the log. New batches wait while the shards finish the
     /// ones in flight; reads go on.
     pub fn checkpoint(&self) -> Result<(), EngineError> {
+        self.checkpoint_sealing(false)
+    }
+
+    /// A checkpoint; with `seal`, each shard first stops writing into its active
+    /// segment and frees the rest of it (at shutdown).
+    fn checkpoint_sealing(&self, seal: bool) -> Result<(), EngineError> {
         let _gate = match self.inner.gate.write() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
@@ -402,7 +414,7 @@ impl Engine {
         let mut replies = Vec::with_capacity(self.inner.shards.len());
         for shard in 0..self.inner.shards.len() {
             let (reply, pending) = Pending::channel();
-            self.send(shard, Request::Checkpoint { epoch, reply })?;
+            self.send(shard, Request::Checkpoint { epoch, seal, reply })?;
             replies.push(pending);
         }
         for reply in replies {
@@ -420,6 +432,13 @@ impl Engine {
         self.inner
             .written_since_checkpoint
             .store(0, Ordering::Relaxed);
+        // About 26 bytes per index entry went into the checkpoint files.
+        if let Ok(stats) = self.stats() {
+            let threshold = self.inner.checkpoint_bytes.max(stats.live_sectors * 26 * 8);
+            self.inner
+                .checkpoint_threshold
+                .store(threshold, Ordering::Relaxed);
+        }
         for shard in 0..self.inner.shards.len() {
             checkpoint::remove_stale(&crate::segment::shard_dir(&self.inner.dir, shard), epoch);
         }
@@ -452,7 +471,7 @@ impl Engine {
     /// clones of this handle get [`EngineError::Closed`] afterwards.
     pub fn shutdown(&self) -> Result<(), EngineError> {
         // Leaves a checkpoint, so the next open need not scan the log.
-        let checkpointed = self.checkpoint();
+        let checkpointed = self.checkpoint_sealing(true);
         for sender in &self.inner.shards {
             let (dones, pending) = fan_in(1);
             for done in dones {

@@ -200,6 +200,7 @@ fn scan_shard(
     };
     let mut live = BTreeMap::new();
     let mut replay_segment = 0;
+    let mut replay_offset = 0;
     let mut base = Index::default();
     if let Some(epoch) = epoch {
         let path = checkpoint::shard_path(&dir, epoch);
@@ -207,6 +208,7 @@ fn scan_shard(
         let loaded = ShardCheckpoint::decode(&bytes)
             .map_err(|reason| EngineError::Damaged { path, reason })?;
         replay_segment = loaded.replay_segment;
+        replay_offset = loaded.replay_offset;
         scan.last_sequence = loaded.next_sequence.saturating_sub(1);
         scan.synced_through = loaded.synced_through;
         live = loaded.segments;
@@ -215,10 +217,15 @@ fn scan_shard(
     let mut segments = BTreeMap::new();
     for id in segment::list(&dir)? {
         let mut segment = Segment::open(&dir, id, config.direct_io)?;
+        segment.live_bytes = live.get(&id).copied().unwrap_or(0);
         if id >= replay_segment {
-            segment.written = scan_segment(&segment::segment_path(&dir, id), id, &mut scan)?;
-        } else {
-            segment.live_bytes = live.get(&id).copied().unwrap_or(0);
+            let start = if id == replay_segment {
+                replay_offset
+            } else {
+                0
+            };
+            let path = segment::segment_path(&dir, id);
+            segment.written = scan_segment(&path, id, start, &mut scan)?.max(start);
         }
         segments.insert(id, segment);
     }
@@ -252,9 +259,14 @@ struct ScanState {
 }
 
 /// Scans one segment into `scan`; returns where its last valid chunk ends.
-fn scan_segment(path: &Path, id: u32, scan: &mut ScanState) -> Result<u64, EngineError> {
+fn scan_segment(
+    path: &Path,
+    id: u32,
+    start: u64,
+    scan: &mut ScanState,
+) -> Result<u64, EngineError> {
     let bytes = fs::read(path).map_err(EngineError::io("reading segment", path))?;
-    let mut position = 0usize;
+    let mut position = start as usize;
     let mut written_end = 0usize;
     let first_new = scan.records.len();
     while position + record::CHUNK_HEADER_LEN <= bytes.len() {

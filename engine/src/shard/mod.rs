@@ -82,6 +82,8 @@ pub(crate) enum Request {
     /// Write this shard's checkpoint of `epoch` once no batch is in flight here.
     Checkpoint {
         epoch: u64,
+        /// Stop writing into the active segment first (at shutdown).
+        seal: bool,
         reply: oneshot::Sender<Result<(), EngineError>>,
     },
 }
@@ -233,7 +235,7 @@ struct Shard {
     sync: Option<SyncRound>,
     dirty: BTreeSet<u32>,
     shutdown: Option<Done>,
-    checkpoint: Option<(u64, oneshot::Sender<Result<(), EngineError>>)>,
+    checkpoint: Option<(u64, bool, oneshot::Sender<Result<(), EngineError>>)>,
     /// Keys with a write in the log that is not applied yet (compaction leaves
     /// them alone, so log order and apply order agree for every key).
     pending_keys: HashMap<Key, u32>,
@@ -437,7 +439,9 @@ impl Shard {
             Request::Stats { reply } => {
                 let _ = reply.send(Ok(self.stats()));
             }
-            Request::Checkpoint { epoch, reply } => self.checkpoint = Some((epoch, reply)),
+            Request::Checkpoint { epoch, seal, reply } => {
+                self.checkpoint = Some((epoch, seal, reply))
+            }
             Request::Committed { epoch } => {
                 if let Some((snapshot_epoch, replay_segment)) = self.last_snapshot
                     && snapshot_epoch == epoch
@@ -455,9 +459,9 @@ impl Shard {
 
     /// Takes the checkpoint asked for once no write of this shard is in flight
     /// or waiting for other shards; the engine holds new batches back meanwhile.
-    /// The active segment is sealed, so the log tail after the checkpoint is
-    /// exactly the segments numbered from `replay_segment` on. The file is
-    /// written by a helper thread while the shard goes on serving reads.
+    /// The log tail after the checkpoint starts where the next chunk will be
+    /// written. The file is written by a helper thread while the shard goes on
+    /// serving reads.
     fn try_checkpoint(&mut self) {
         let quiet = self.queued_writes.is_empty()
             && self.building.is_none()
@@ -466,14 +470,22 @@ impl Shard {
         if !quiet {
             return;
         }
-        let Some((epoch, reply)) = self.checkpoint.take() else {
+        let Some((epoch, seal, reply)) = self.checkpoint.take() else {
             return;
         };
-        self.seal_active();
-        self.last_snapshot = Some((epoch, self.next_segment));
+        if seal {
+            // Stopping: give back the active segment's unwritten space.
+            self.seal_active();
+        }
+        let (replay_segment, replay_offset) = match self.active {
+            Some(active) => (active, self.write_position),
+            None => (self.next_segment, 0),
+        };
+        self.last_snapshot = Some((epoch, replay_segment));
         let snapshot = ShardCheckpoint {
             epoch,
-            replay_segment: self.next_segment,
+            replay_segment,
+            replay_offset,
             next_sequence: self.next_sequence,
             synced_through: self.synced_through,
             segments: self
