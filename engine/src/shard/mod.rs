@@ -52,6 +52,7 @@ const WAKE_TOKEN: u64 = u64::MAX;
 const MAX_DRAIN: usize = 4096;
 
 type ReadReply = oneshot::Sender<Result<Option<Vec<u8>>, EngineError>>;
+type CheckpointReply = oneshot::Sender<Result<(), EngineError>>;
 
 /// A message to a shard.
 pub(crate) enum Request {
@@ -235,7 +236,8 @@ struct Shard {
     sync: Option<SyncRound>,
     dirty: BTreeSet<u32>,
     shutdown: Option<Done>,
-    checkpoint: Option<(u64, bool, oneshot::Sender<Result<(), EngineError>>)>,
+    /// A checkpoint asked for: (epoch, seal first, where to report).
+    checkpoint: Option<(u64, bool, CheckpointReply)>,
     /// Keys with a write in the log that is not applied yet (compaction leaves
     /// them alone, so log order and apply order agree for every key).
     pending_keys: HashMap<Key, u32>,
