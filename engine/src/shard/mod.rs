@@ -284,6 +284,22 @@ pub(crate) fn run(
     }
 }
 
+/// Puts `value` in a free slot of `slots` (reusing one from `free` if any) and
+/// returns its index: in-flight ops and parts are found by index from a ring
+/// completion's user data.
+fn slab_insert<T>(slots: &mut Vec<Option<T>>, free: &mut Vec<usize>, value: T) -> usize {
+    match free.pop() {
+        Some(slot) => {
+            slots[slot] = Some(value);
+            slot
+        }
+        None => {
+            slots.push(Some(value));
+            slots.len() - 1
+        }
+    }
+}
+
 fn refuse(request: Request, error: impl Fn() -> EngineError) {
     match request {
         Request::Read { reply, .. } => {
@@ -521,16 +537,7 @@ impl Shard {
 
     fn op_slot(&mut self, op: Op) -> usize {
         self.in_flight += 1;
-        match self.free_ops.pop() {
-            Some(slot) => {
-                self.ops[slot] = Some(op);
-                slot
-            }
-            None => {
-                self.ops.push(Some(op));
-                self.ops.len() - 1
-            }
-        }
+        slab_insert(&mut self.ops, &mut self.free_ops, op)
     }
 
     fn ring_full(&self) -> bool {
@@ -634,16 +641,7 @@ impl Shard {
             chunks_left: 0,
             error: None,
         };
-        let part_slot = match self.free_parts.pop() {
-            Some(slot) => {
-                self.parts[slot] = Some(state);
-                slot
-            }
-            None => {
-                self.parts.push(Some(state));
-                self.parts.len() - 1
-            }
-        };
+        let part_slot = slab_insert(&mut self.parts, &mut self.free_parts, state);
         for (record_index, (key, data)) in records.into_iter().enumerate() {
             *self.pending_keys.entry(key).or_default() += 1;
             let (kind, payload) = match &data {
