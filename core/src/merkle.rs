@@ -290,6 +290,55 @@ impl MerkleTree {
         Some(Digest::from_slice(self.algorithm, bytes))
     }
 
+    /// Leaf digests `start..end` (clamped to the tree) as they are stored: concatenated
+    /// digests of [`HashAlgorithm::output_len`] bytes each. What a Merkle piece holds.
+    pub fn leaf_bytes(&self, start: u64, end: u64) -> &[u8] {
+        let len = self.algorithm.output_len();
+        let end = end.min(self.leaf_count);
+        let Some(leaves) = self.levels.first() else {
+            return &[];
+        };
+        if start >= end {
+            return &[];
+        }
+        // Both bounds are at most leaf_count, whose bytes are in memory.
+        &leaves[start as usize * len..end as usize * len]
+    }
+
+    /// A tree whose leaves are the concatenated digests in `leaves`, with every interior
+    /// node computed (n hashes): how a tree is rebuilt from its stored leaf pieces.
+    ///
+    /// # Errors
+    /// [`MerkleError::Malformed`] if `leaves` is not a whole number of digests, and
+    /// [`MerkleError::TooLarge`] past [`MAX_LEAF_COUNT`] or available memory.
+    pub fn from_leaf_bytes(
+        algorithm: HashAlgorithm,
+        leaves: Vec<u8>,
+    ) -> Result<MerkleTree, MerkleError> {
+        let digest_len = algorithm.output_len();
+        if !leaves.len().is_multiple_of(digest_len) {
+            return Err(MerkleError::Malformed(format!(
+                "{} bytes of leaves is not a whole number of {algorithm:?} digests",
+                leaves.len()
+            )));
+        }
+        let count = leaves.len() / digest_len;
+        if count as u64 > MAX_LEAF_COUNT {
+            return Err(MerkleError::TooLarge {
+                index: count as u64,
+            });
+        }
+        let mut tree = MerkleTree::new(algorithm);
+        if count == 0 {
+            return Ok(tree);
+        }
+        tree.levels.push(leaves);
+        tree.leaf_count = count as u64;
+        tree.grow_interior(count)?;
+        tree.rebuild();
+        Ok(tree)
+    }
+
     /// The number of hash invocations made by [`update`](Self::update),
     /// [`update_batch`](Self::update_batch), [`update_leaf_hashes`](Self::update_leaf_hashes),
     /// [`truncate`](Self::truncate) and [`rebuild`](Self::rebuild) on this tree since it

@@ -45,6 +45,9 @@ pub struct MetaSecrets {
     pub mode: u32,
     /// Length in bytes.
     pub size: u64,
+    /// Directory entries naming the file (hard links); a directory counts its
+    /// subdirectories' `..` as POSIX does.
+    pub nlink: u32,
     /// Last access.
     pub atime: FileTime,
     /// Last content change.
@@ -98,6 +101,9 @@ pub struct MetaBody {
     pub hash_algorithm: HashAlgorithm,
     /// The root of the Merkle tree over the data sectors.
     pub merkle_root: Digest,
+    /// How many data sectors the file has (the tree's leaf count, holes included):
+    /// in the clear so a store knows how many Merkle pieces to keep.
+    pub sector_count: u64,
     /// The key that signs this metadata; its principal holds `writecap`.
     pub writer: SigningPublicKey,
     /// The writer's authority.

@@ -207,6 +207,12 @@ impl ParentTable {
         before != self.entries.len()
     }
 
+    /// True if `parent` has an entry: the file is a child of that directory.
+    pub fn has_parent(&self, salt: &[u8], parent: FileIds) -> bool {
+        let id = parent_id(salt, parent);
+        self.entries.iter().any(|(existing, _)| *existing == id)
+    }
+
     /// Opens the file key with the key of `parent`.
     pub fn open(
         &self,

@@ -25,8 +25,11 @@ use crate::aead::{SymmetricKey, TAG_LEN, random_fill};
 pub enum SectorKind {
     /// The metadata sector.
     Meta,
-    /// The Merkle sector.
-    Merkle,
+    /// Piece `k` of the Merkle sector: the leaf digests of data sectors
+    /// `k * n .. (k + 1) * n`, with n = [`MERKLE_PIECE_BYTES`] / digest length. The
+    /// sector is split so that a batch rewrites only the pieces it changed and no
+    /// piece outgrows one engine record.
+    Merkle(u64),
     /// The data sector with this 0-based index.
     Data(u64),
 }
@@ -42,6 +45,10 @@ pub struct SectorId {
     pub sector: SectorKind,
 }
 
+/// The size of a full Merkle piece: 128 SHA-256 or 64 SHA-512 leaf digests, so
+/// rewriting the piece of a changed 4 KiB sector costs no more than the sector.
+pub const MERKLE_PIECE_BYTES: usize = 4096;
+
 /// Length of [`SectorId::to_bytes`].
 pub const SECTOR_ID_LEN: usize = 25;
 
@@ -51,7 +58,7 @@ impl SectorId {
     pub fn to_bytes(&self) -> [u8; SECTOR_ID_LEN] {
         let (tag, index) = match self.sector {
             SectorKind::Meta => (0u8, 0u64),
-            SectorKind::Merkle => (1, 0),
+            SectorKind::Merkle(piece) => (1, piece),
             SectorKind::Data(index) => (2, index),
         };
         let mut out = [0u8; SECTOR_ID_LEN];

@@ -53,7 +53,7 @@ fn sectors(inodes: std::ops::Range<u64>, per_inode: u64) -> Vec<SectorId> {
     let mut ids = Vec::new();
     for inode in inodes {
         ids.push(id(inode, SectorKind::Meta));
-        ids.push(id(inode, SectorKind::Merkle));
+        ids.push(id(inode, SectorKind::Merkle(0)));
         ids.extend((0..per_inode).map(|index| data(inode, index)));
     }
     ids

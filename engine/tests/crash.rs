@@ -55,7 +55,7 @@ fn config(dir: &Path) -> EngineConfig {
 fn universe() -> Vec<SectorId> {
     let mut ids = Vec::new();
     for inode in 3..9 {
-        for sector in [SectorKind::Meta, SectorKind::Merkle] {
+        for sector in [SectorKind::Meta, SectorKind::Merkle(0)] {
             ids.push(SectorId {
                 generation: GENERATION,
                 inode,
@@ -124,7 +124,7 @@ fn batch_of(id: &SectorId, bytes: &[u8]) -> Option<u64> {
 fn format_id(id: &SectorId) -> String {
     match id.sector {
         SectorKind::Meta => format!("{}:m", id.inode),
-        SectorKind::Merkle => format!("{}:k", id.inode),
+        SectorKind::Merkle(_) => format!("{}:k", id.inode),
         SectorKind::Data(index) => format!("{}:{index}", id.inode),
     }
 }
@@ -133,7 +133,7 @@ fn parse_id(text: &str) -> SectorId {
     let (inode, sector) = text.split_once(':').unwrap();
     let sector = match sector {
         "m" => SectorKind::Meta,
-        "k" => SectorKind::Merkle,
+        "k" => SectorKind::Merkle(0),
         index => SectorKind::Data(index.parse().unwrap()),
     };
     SectorId {

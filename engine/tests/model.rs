@@ -47,7 +47,7 @@ fn splitmix(state: &mut u64) -> u64 {
 fn key_space() -> Vec<SectorId> {
     let mut ids = Vec::new();
     for inode in 3..11 {
-        for sector in [SectorKind::Meta, SectorKind::Merkle]
+        for sector in [SectorKind::Meta, SectorKind::Merkle(0)]
             .into_iter()
             .chain((0..30).map(SectorKind::Data))
         {
@@ -213,7 +213,7 @@ fn prop_id(key: usize) -> SectorId {
         inode: 3 + (key % 4) as u64,
         sector: match key / 4 {
             0 => SectorKind::Meta,
-            1 => SectorKind::Merkle,
+            1 => SectorKind::Merkle(0),
             index => SectorKind::Data(index as u64),
         },
     }

@@ -16,7 +16,7 @@ fuzz_target!(|data: &[u8]| {
         Ok(plaintext) => {
             assert_eq!(plaintext.len() + RECORD_OVERHEAD, data.len());
             let elsewhere = SectorId {
-                sector: SectorKind::Merkle,
+                sector: SectorKind::Merkle(0),
                 ..SECTOR
             };
             assert_eq!(

@@ -200,6 +200,7 @@ fn main() -> Result<()> {
         gid: 1000,
         mode: 0o100644,
         size: 8192,
+        nlink: 1,
         atime: FileTime {
             seconds: 1_700_000_000,
             nanos: 5,
@@ -238,6 +239,7 @@ fn main() -> Result<()> {
         sector_size: 4096,
         hash_algorithm: HashAlgorithm::Sha256,
         merkle_root: tree.root(),
+        sector_count: tree.leaf_count(),
         writer: *writer.public(),
         writecap: chained.clone(),
         readcaps,

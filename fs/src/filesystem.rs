@@ -1,0 +1,1678 @@
+//! [`FileSystem`]: the filesystem service. Namespace operations (create, unlink,
+//! rename, link…) change the directory and the file in one atomic sector batch;
+//! file handles read and write through the file's [`NodeState`]; the Authorizer
+//! checks every operation.
+//!
+//! Concurrency: one lock per node; namespace operations also take the namespace
+//! lock, so they never interleave, while reads and writes of different files run in
+//! parallel. A data operation holds one node lock at a time, so nesting node locks
+//! inside the namespace lock cannot deadlock.
+
+use crate::attr::{
+    AccessMask, Attr, Caller, DirEntry, FileKind, RenameMode, SetAttr, StatFs, TimeSet, now,
+    to_file_time,
+};
+use crate::authorizer;
+use crate::dir::{self, DIR_SECTOR_SIZE, Entry, NAME_MAX};
+use crate::error::{FsError, FsResult};
+use crate::node::{Ctx, NodeKeys, NodeState, ParentInfo};
+use blocktree_core::aead::{SymmetricKey, random_fill};
+use blocktree_core::credstore::CredStore;
+use blocktree_core::hash::HashAlgorithm;
+use blocktree_core::keys::EncryptionPublicKey;
+use blocktree_core::merkle::MerkleTree;
+use blocktree_core::metadata::{KeyState, MetaBody, MetaSecrets, SecretsPart};
+use blocktree_core::readcap::{EpochKeyTable, FileIds, ParentTable, ReadcapTable, SALT_LEN};
+use blocktree_core::sector::SectorId;
+use blocktree_core::writecap::RevocationList;
+use blocktree_raftlog::{FileWrite, SectorBatch, SectorService};
+use crossbeam_channel::Receiver;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// The xattr of a directory that sets whether files created in it are encrypted
+/// ("on" or "off"); without it, children inherit the directory's own encryption.
+pub const ENCRYPT_XATTR: &[u8] = b"user.blocktree.encrypt";
+
+/// Nodes kept in memory before clean, unused ones are dropped.
+const CACHED_NODES: usize = 8192;
+
+/// How a [`FileSystem`] behaves.
+#[derive(Clone, Debug)]
+pub struct FsConfig {
+    /// Refuse every change with EROFS.
+    pub read_only: bool,
+    /// Whether the root directory, when this mount creates it, is encrypted.
+    pub encrypt_root: bool,
+    /// Data sector size of new regular files and symlinks.
+    pub sector_size: u32,
+    /// Buffered bytes per file before a write commits a batch by itself.
+    pub dirty_limit: usize,
+    /// Cache lifetime written into new files' metadata.
+    pub cache_seconds: u32,
+    /// Merkle hash of new files.
+    pub hash: HashAlgorithm,
+}
+
+impl Default for FsConfig {
+    fn default() -> Self {
+        FsConfig {
+            read_only: false,
+            encrypt_root: true,
+            sector_size: 4096,
+            dirty_limit: 16 << 20,
+            cache_seconds: 60,
+            hash: HashAlgorithm::Sha256,
+        }
+    }
+}
+
+type NodeRef = Arc<Mutex<NodeState>>;
+
+struct Handle {
+    node: NodeRef,
+    write: bool,
+    append: bool,
+}
+
+/// The filesystem service over one generation's sector service.
+pub struct FileSystem {
+    ctx: Ctx,
+    config: FsConfig,
+    nodes: Mutex<HashMap<u64, NodeRef>>,
+    /// A directory each inode was last reached through: how an evicted node finds
+    /// the parent whose key opens it.
+    parents: Mutex<HashMap<u64, u64>>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_handle: AtomicU64,
+    namespace: Mutex<()>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // State behind a poisoned lock is still consistent: every change is applied
+    // only after its batch committed.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn xattr_key(name: &[u8]) -> serde_bytes::ByteBuf {
+    serde_bytes::ByteBuf::from(name.to_vec())
+}
+
+fn random_salt() -> FsResult<[u8; SALT_LEN]> {
+    let mut salt = [0u8; SALT_LEN];
+    random_fill(&mut salt)?;
+    Ok(salt)
+}
+
+/// What a new file is.
+struct NewFile<'a> {
+    kind: FileKind,
+    mode: u32,
+    content: Option<&'a [u8]>,
+}
+
+impl FileSystem {
+    /// The root directory's inode, FUSE's root id.
+    pub const ROOT: u64 = 1;
+
+    /// The file system stored by `service`, creating its root directory if the
+    /// generation is empty.
+    pub fn new(
+        service: Arc<dyn SectorService>,
+        creds: Arc<dyn CredStore>,
+        config: FsConfig,
+    ) -> FsResult<FileSystem> {
+        let fs = FileSystem {
+            ctx: Ctx {
+                service,
+                creds,
+                revoked: RevocationList::new(),
+            },
+            config,
+            nodes: Mutex::new(HashMap::new()),
+            parents: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            next_handle: AtomicU64::new(1),
+            namespace: Mutex::new(()),
+        };
+        if fs.ctx.service.read_meta(Self::ROOT)?.is_none() {
+            if fs.config.read_only {
+                return Err(FsError::ReadOnly(
+                    "the store is empty and the mount is read-only".into(),
+                ));
+            }
+            fs.create_root()?;
+        }
+        fs.node(Self::ROOT)?;
+        Ok(fs)
+    }
+
+    fn create_root(&self) -> FsResult<()> {
+        let secrets = MetaSecrets {
+            uid: 0,
+            gid: 0,
+            mode: libc::S_IFDIR | 0o755,
+            nlink: 2,
+            ..self.new_secrets()
+        };
+        let mut node = self.new_node(
+            Self::ROOT,
+            secrets,
+            DIR_SECTOR_SIZE,
+            self.config.encrypt_root,
+            None,
+        )?;
+        let write = node
+            .prepare_commit(&self.ctx)?
+            .ok_or_else(|| FsError::Io("nothing to write for the root".into()))?;
+        let meta = write.meta.clone();
+        self.submit(SectorBatch {
+            files: vec![write],
+            removes: Vec::new(),
+        })?;
+        node.finish_commit(meta);
+        self.ctx.service.flush()?;
+        Ok(())
+    }
+
+    fn new_secrets(&self) -> MetaSecrets {
+        let time = now();
+        MetaSecrets {
+            nlink: 1,
+            atime: time,
+            mtime: time,
+            ctime: time,
+            cache_seconds: self.config.cache_seconds,
+            ..MetaSecrets::default()
+        }
+    }
+
+    /// A node for a new file: keys, readcap or parent entry, unsigned body.
+    fn new_node(
+        &self,
+        ino: u64,
+        secrets: MetaSecrets,
+        sector_size: u32,
+        encrypted: bool,
+        parent: Option<&ParentInfo>,
+    ) -> FsResult<NodeState> {
+        let writecap = self.writecap()?;
+        let ids = FileIds {
+            generation: self.ctx.generation(),
+            inode: ino,
+        };
+        let salt = random_salt()?;
+        let mut readcaps = ReadcapTable::default();
+        let mut parents = ParentTable::default();
+        let mut chain = parent.map_or_else(Vec::new, |parent| parent.chain.clone());
+        chain.push(ino);
+        let (key_state, file_key) = if encrypted {
+            let file_key = SymmetricKey::generate()?;
+            let mut epoch_keys = EpochKeyTable::default();
+            epoch_keys.add_epoch(ids, 0, &file_key)?;
+            match parent.and_then(|parent| parent.key.as_ref().map(|key| (parent.ino, key))) {
+                Some((parent_ino, parent_key)) => {
+                    let parent_ids = FileIds {
+                        generation: ids.generation,
+                        inode: parent_ino,
+                    };
+                    parents.grant(&salt, ids, parent_ids, parent_key, &file_key)?;
+                }
+                None => {
+                    // No encrypted parent to reach it through: the creator gets a
+                    // readcap of its own.
+                    readcaps.grant(
+                        self.config.hash,
+                        &salt,
+                        ids,
+                        &self.ctx.creds.encryption_public_key(),
+                        &file_key,
+                    )?;
+                    chain = vec![ino];
+                }
+            }
+            let state = KeyState {
+                epoch: 0,
+                seals_in_epoch: 0,
+                epoch_keys,
+            };
+            (Some(state), Some(file_key))
+        } else {
+            (None, None)
+        };
+        let empty = MerkleTree::new(self.config.hash);
+        let body = MetaBody {
+            ids,
+            sector_size,
+            hash_algorithm: self.config.hash,
+            merkle_root: empty.root(),
+            sector_count: 0,
+            writer: self.ctx.creds.signing_public_key(),
+            writecap,
+            readcaps,
+            parents,
+            salt,
+            keys: key_state,
+            secrets: SecretsPart::Clear(MetaSecrets::default()),
+        };
+        let keys = match file_key {
+            Some(key) => Some(NodeKeys::open(&body, key)?),
+            None => None,
+        };
+        Ok(NodeState::fresh(ino, body, secrets, keys, chain))
+    }
+
+    fn writecap(&self) -> FsResult<blocktree_core::writecap::Writecap> {
+        if self.config.read_only {
+            return Err(FsError::ReadOnly("mounted read-only".into()));
+        }
+        self.ctx
+            .creds
+            .writecap()
+            .cloned()
+            .ok_or_else(|| FsError::ReadOnly("this runtime holds no writecap".into()))
+    }
+
+    fn check_writable(&self) -> FsResult<()> {
+        self.writecap().map(|_| ())
+    }
+
+    fn submit(&self, batch: SectorBatch) -> FsResult<()> {
+        Ok(self.ctx.service.write(batch)?)
+    }
+
+    // ----- nodes -----
+
+    /// The node of `ino`, loading it (through the parent it was reached by) if
+    /// needed.
+    fn node(&self, ino: u64) -> FsResult<NodeRef> {
+        if let Some(node) = lock(&self.nodes).get(&ino) {
+            return Ok(node.clone());
+        }
+        let parent = if ino == Self::ROOT {
+            None
+        } else {
+            let parent_ino = lock(&self.parents).get(&ino).copied();
+            match parent_ino {
+                Some(parent_ino) if parent_ino != ino => {
+                    let parent = self.node(parent_ino)?;
+                    let info = lock(&parent).parent_info();
+                    Some(info)
+                }
+                _ => None,
+            }
+        };
+        let state = NodeState::load(&self.ctx, ino, parent.as_ref())?;
+        Ok(self.install(ino, state))
+    }
+
+    /// The node of `ino`, a child of the locked directory `parent`.
+    fn child(&self, parent: &NodeState, ino: u64) -> FsResult<NodeRef> {
+        lock(&self.parents).insert(ino, parent.ino);
+        if let Some(node) = lock(&self.nodes).get(&ino) {
+            return Ok(node.clone());
+        }
+        let state = NodeState::load(&self.ctx, ino, Some(&parent.parent_info()))?;
+        Ok(self.install(ino, state))
+    }
+
+    fn install(&self, ino: u64, state: NodeState) -> NodeRef {
+        let mut nodes = lock(&self.nodes);
+        if nodes.len() >= CACHED_NODES {
+            nodes.retain(|&cached, node| {
+                cached == Self::ROOT
+                    || Arc::strong_count(node) > 1
+                    || node
+                        .try_lock()
+                        .map_or(true, |state| state.is_dirty() || state.handles > 0)
+            });
+        }
+        nodes
+            .entry(ino)
+            .or_insert_with(|| Arc::new(Mutex::new(state)))
+            .clone()
+    }
+
+    /// Commits one node's buffered changes as a batch of its own.
+    fn commit(&self, node: &mut NodeState) -> FsResult<()> {
+        let Some(write) = node.prepare_commit(&self.ctx)? else {
+            return Ok(());
+        };
+        let meta = write.meta.clone();
+        match self.submit(SectorBatch {
+            files: vec![write],
+            removes: Vec::new(),
+        }) {
+            Ok(()) => {
+                node.finish_commit(meta);
+                Ok(())
+            }
+            Err(error) => {
+                node.abort_commit();
+                Err(error)
+            }
+        }
+    }
+
+    /// Commits several nodes' changes (and deletes) as one atomic batch.
+    fn commit_together(
+        &self,
+        nodes: &mut [&mut NodeState],
+        removes: Vec<blocktree_core::metadata::FileMeta>,
+    ) -> FsResult<()> {
+        let mut writes: Vec<(usize, FileWrite)> = Vec::new();
+        for (index, node) in nodes.iter_mut().enumerate() {
+            match node.prepare_commit(&self.ctx) {
+                Ok(Some(write)) => writes.push((index, write)),
+                Ok(None) => {}
+                Err(error) => {
+                    for node in nodes.iter_mut() {
+                        node.abort_commit();
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        let metas: Vec<_> = writes
+            .iter()
+            .map(|(index, write)| (*index, write.meta.clone()))
+            .collect();
+        let batch = SectorBatch {
+            files: writes.into_iter().map(|(_, write)| write).collect(),
+            removes,
+        };
+        match self.submit(batch) {
+            Ok(()) => {
+                for (index, meta) in metas {
+                    nodes[index].finish_commit(meta);
+                }
+                Ok(())
+            }
+            Err(error) => {
+                for node in nodes.iter_mut() {
+                    node.abort_commit();
+                }
+                Err(error)
+            }
+        }
+    }
+
+    fn attr(node: &NodeState) -> Attr {
+        let mut attr = Attr::from_secrets(node.ino, &node.secrets, node.body.sector_size);
+        if attr.kind == FileKind::Directory {
+            attr.blksize = crate::attr::BLOCK_SIZE;
+        }
+        attr
+    }
+
+    // ----- lookups and attributes -----
+
+    /// Looks `name` up in directory `parent`.
+    pub fn lookup(&self, caller: &Caller, parent: u64, name: &[u8]) -> FsResult<Attr> {
+        if name.len() > NAME_MAX {
+            return Err(FsError::NameTooLong);
+        }
+        let dir_ref = self.node(parent)?;
+        let dir = lock(&dir_ref);
+        let entries = dir.dir.as_ref().ok_or(FsError::NotDir)?;
+        authorizer::check(caller, &dir.secrets, AccessMask::EXECUTE)?;
+        if name == b"." {
+            return Ok(Self::attr(&dir));
+        }
+        if name == b".." {
+            let up = lock(&self.parents)
+                .get(&parent)
+                .copied()
+                .unwrap_or(Self::ROOT);
+            drop(dir);
+            let node = self.node(up)?;
+            return Ok(Self::attr(&lock(&node)));
+        }
+        let entry = entries.get(name).ok_or(FsError::NotFound)?;
+        let child = self.child(&dir, entry.inode)?;
+        drop(dir);
+        Ok(Self::attr(&lock(&child)))
+    }
+
+    /// The kernel forgot `ino`: its node may go once it is clean and closed.
+    pub fn forget(&self, ino: u64) {
+        if ino == Self::ROOT {
+            return;
+        }
+        let mut nodes = lock(&self.nodes);
+        let droppable = nodes.get(&ino).is_some_and(|node| {
+            Arc::strong_count(node) == 1
+                && node
+                    .try_lock()
+                    .is_ok_and(|state| !state.is_dirty() && state.handles == 0)
+        });
+        if droppable {
+            nodes.remove(&ino);
+        }
+    }
+
+    /// The attributes of `ino`.
+    pub fn getattr(&self, _caller: &Caller, ino: u64) -> FsResult<Attr> {
+        let node = self.node(ino)?;
+        Ok(Self::attr(&lock(&node)))
+    }
+
+    /// Checks `mask` for `caller` on `ino`, as `access(2)`.
+    pub fn access(&self, caller: &Caller, ino: u64, mask: AccessMask) -> FsResult<()> {
+        let node = self.node(ino)?;
+        let node = lock(&node);
+        if mask.write {
+            self.check_writable()?;
+        }
+        authorizer::check(caller, &node.secrets, mask)
+    }
+
+    /// chmod, chown, truncate, utimens.
+    pub fn setattr(&self, caller: &Caller, ino: u64, set: &SetAttr) -> FsResult<Attr> {
+        self.check_writable()?;
+        let node_ref = self.node(ino)?;
+        let mut node = lock(&node_ref);
+        if let Some(mode) = set.mode {
+            authorizer::check_owner(caller, &node.secrets, "change the mode")?;
+            let mut mode = mode & 0o7777;
+            if caller.uid != 0 && !caller.in_group(node.secrets.gid) {
+                mode &= !libc::S_ISGID;
+            }
+            node.secrets.mode = (node.secrets.mode & libc::S_IFMT) | mode;
+        }
+        if set.uid.is_some() || set.gid.is_some() {
+            authorizer::check_chown(caller, &node.secrets, set.uid, set.gid)?;
+            if let Some(uid) = set.uid {
+                node.secrets.uid = uid;
+            }
+            if let Some(gid) = set.gid {
+                node.secrets.gid = gid;
+            }
+            if node.secrets.mode & libc::S_IFMT != libc::S_IFDIR {
+                node.secrets.mode &= !(libc::S_ISUID | libc::S_ISGID);
+            }
+        }
+        if let Some(size) = set.size {
+            if node.is_dir() {
+                return Err(FsError::IsDir);
+            }
+            authorizer::check(caller, &node.secrets, AccessMask::WRITE)?;
+            node.truncate(&self.ctx, size)?;
+        }
+        for (time, is_atime) in [(set.atime, true), (set.mtime, false)] {
+            let Some(time) = time else { continue };
+            let value = match time {
+                TimeSet::Now => {
+                    if authorizer::check_owner(caller, &node.secrets, "set times").is_err() {
+                        authorizer::check(caller, &node.secrets, AccessMask::WRITE)?;
+                    }
+                    now()
+                }
+                TimeSet::At(at) => {
+                    authorizer::check_owner(caller, &node.secrets, "set explicit times")?;
+                    to_file_time(at)
+                }
+            };
+            if is_atime {
+                node.secrets.atime = value;
+            } else {
+                node.secrets.mtime = value;
+            }
+        }
+        node.touch_ctime();
+        self.commit(&mut node)?;
+        Ok(Self::attr(&node))
+    }
+
+    /// The target of symlink `ino`.
+    pub fn readlink(&self, _caller: &Caller, ino: u64) -> FsResult<Vec<u8>> {
+        let node_ref = self.node(ino)?;
+        let mut node = lock(&node_ref);
+        if node.secrets.mode & libc::S_IFMT != libc::S_IFLNK {
+            return Err(FsError::Invalid("not a symbolic link".into()));
+        }
+        let size = node.secrets.size;
+        node.read(&self.ctx, 0, size)
+    }
+
+    // ----- creating -----
+
+    fn child_encrypted(dir: &NodeState) -> bool {
+        match dir
+            .secrets
+            .xattrs
+            .get(&xattr_key(ENCRYPT_XATTR))
+            .map(|value| value.as_slice())
+        {
+            Some(b"on") => true,
+            Some(b"off") => false,
+            _ => dir.keys.is_some(),
+        }
+    }
+
+    /// Creates a file of any kind in `parent`; returns its node.
+    fn make(
+        &self,
+        caller: &Caller,
+        parent: u64,
+        name: &[u8],
+        new: NewFile<'_>,
+    ) -> FsResult<NodeRef> {
+        dir::check_name(name)?;
+        self.check_writable()?;
+        let _namespace = lock(&self.namespace);
+        let dir_ref = self.node(parent)?;
+        let mut dir = lock(&dir_ref);
+        if dir.dir.is_none() {
+            return Err(FsError::NotDir);
+        }
+        authorizer::check(caller, &dir.secrets, AccessMask::WRITE_EXECUTE)?;
+        if dir
+            .dir
+            .as_ref()
+            .is_some_and(|entries| entries.get(name).is_some())
+        {
+            return Err(FsError::Exists);
+        }
+        let ino = self.ctx.service.allocate_inode()?;
+        let gid = if dir.secrets.mode & libc::S_ISGID != 0 {
+            dir.secrets.gid
+        } else {
+            caller.gid
+        };
+        let mut mode = new.kind.mode_bits() | (new.mode & 0o7777);
+        if new.kind == FileKind::Directory && dir.secrets.mode & libc::S_ISGID != 0 {
+            mode |= libc::S_ISGID;
+        }
+        let secrets = MetaSecrets {
+            uid: caller.uid,
+            gid,
+            mode,
+            nlink: if new.kind == FileKind::Directory {
+                2
+            } else {
+                1
+            },
+            ..self.new_secrets()
+        };
+        let sector_size = if new.kind == FileKind::Directory {
+            DIR_SECTOR_SIZE
+        } else {
+            self.config.sector_size
+        };
+        let encrypted = Self::child_encrypted(&dir);
+        let parent_info = dir.parent_info();
+        let mut child = self.new_node(ino, secrets, sector_size, encrypted, Some(&parent_info))?;
+        if let Some(content) = new.content {
+            child.write(&self.ctx, 0, content)?;
+        }
+        if let Some(xattr) = dir.secrets.xattrs.get(&xattr_key(ENCRYPT_XATTR)).cloned() {
+            // Subdirectories inherit the policy with the encryption it chose.
+            if new.kind == FileKind::Directory {
+                child
+                    .secrets
+                    .xattrs
+                    .insert(serde_bytes::ByteBuf::from(ENCRYPT_XATTR.to_vec()), xattr);
+            }
+        }
+        let entry = Entry {
+            inode: ino,
+            kind: new.kind,
+        };
+        if let Some(entries) = dir.dir.as_mut() {
+            entries.insert(name, entry);
+        }
+        let time = now();
+        dir.secrets.mtime = time;
+        dir.secrets.ctime = time;
+        if new.kind == FileKind::Directory {
+            dir.secrets.nlink += 1;
+        }
+        dir.meta_dirty = true;
+        if let Err(error) = self.commit_together(&mut [&mut child, &mut dir], Vec::new()) {
+            if let Some(entries) = dir.dir.as_mut() {
+                entries.remove(name);
+            }
+            if new.kind == FileKind::Directory {
+                dir.secrets.nlink -= 1;
+            }
+            return Err(error);
+        }
+        lock(&self.parents).insert(ino, parent);
+        drop(dir);
+        Ok(self.install(ino, child))
+    }
+
+    /// Creates a regular file, FIFO or socket (device nodes are not supported).
+    pub fn mknod(
+        &self,
+        caller: &Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+    ) -> FsResult<Attr> {
+        let kind = match FileKind::from_mode(mode) {
+            Some(FileKind::Directory) | Some(FileKind::Symlink) => {
+                return Err(FsError::Invalid(
+                    "mknod makes files, fifos and sockets".into(),
+                ));
+            }
+            Some(kind) => kind,
+            None if mode & libc::S_IFMT == 0 => FileKind::Regular,
+            None => {
+                return Err(FsError::NotPermitted(
+                    "device nodes are not supported".into(),
+                ));
+            }
+        };
+        let node = self.make(
+            caller,
+            parent,
+            name,
+            NewFile {
+                kind,
+                mode: mode & !umask,
+                content: None,
+            },
+        )?;
+        Ok(Self::attr(&lock(&node)))
+    }
+
+    /// Creates a directory.
+    pub fn mkdir(
+        &self,
+        caller: &Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+    ) -> FsResult<Attr> {
+        let node = self.make(
+            caller,
+            parent,
+            name,
+            NewFile {
+                kind: FileKind::Directory,
+                mode: mode & !umask & 0o7777,
+                content: None,
+            },
+        )?;
+        Ok(Self::attr(&lock(&node)))
+    }
+
+    /// Creates a symbolic link to `target`.
+    pub fn symlink(
+        &self,
+        caller: &Caller,
+        parent: u64,
+        name: &[u8],
+        target: &[u8],
+    ) -> FsResult<Attr> {
+        if target.is_empty() || target.len() > libc::PATH_MAX as usize {
+            return Err(FsError::Invalid("symlink target length".into()));
+        }
+        let node = self.make(
+            caller,
+            parent,
+            name,
+            NewFile {
+                kind: FileKind::Symlink,
+                mode: 0o777,
+                content: Some(target),
+            },
+        )?;
+        Ok(Self::attr(&lock(&node)))
+    }
+
+    /// Creates and opens a regular file.
+    pub fn create(
+        &self,
+        caller: &Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        flags: i32,
+    ) -> FsResult<(Attr, u64)> {
+        let node = self.make(
+            caller,
+            parent,
+            name,
+            NewFile {
+                kind: FileKind::Regular,
+                mode: mode & !umask & 0o7777,
+                content: None,
+            },
+        )?;
+        let attr = Self::attr(&lock(&node));
+        let handle = self.add_handle(node, flags);
+        Ok((attr, handle))
+    }
+
+    // ----- removing -----
+
+    /// Drops one link of the locked `child` from the locked `dir` (already removed
+    /// from its entries); returns the tombstone to delete it with when it was the
+    /// last link and no handle keeps it open.
+    fn unlink_from(
+        &self,
+        dir: &mut NodeState,
+        child: &mut NodeState,
+    ) -> FsResult<Option<blocktree_core::metadata::FileMeta>> {
+        let time = now();
+        dir.secrets.mtime = time;
+        dir.secrets.ctime = time;
+        dir.meta_dirty = true;
+        if child.is_dir() {
+            child.secrets.nlink = 0;
+            dir.secrets.nlink = dir.secrets.nlink.saturating_sub(1);
+        } else {
+            child.secrets.nlink = child.secrets.nlink.saturating_sub(1);
+        }
+        child.secrets.ctime = time;
+        child.meta_dirty = true;
+        let still_linked_here = child.secrets.nlink > 0
+            && dir.dir.as_ref().is_some_and(|entries| {
+                entries
+                    .entries_from(0)
+                    .any(|(_, _, entry)| entry.inode == child.ino)
+            });
+        if !still_linked_here {
+            let salt = child.body.salt;
+            let parent_ids = FileIds {
+                generation: self.ctx.generation(),
+                inode: dir.ino,
+            };
+            child.body.parents.remove(&salt, parent_ids);
+        }
+        if child.secrets.nlink == 0 && child.handles == 0 {
+            return Ok(Some(child.tombstone(&self.ctx)?));
+        }
+        Ok(None)
+    }
+
+    fn remove_entry(
+        &self,
+        caller: &Caller,
+        parent: u64,
+        name: &[u8],
+        want_dir: bool,
+    ) -> FsResult<()> {
+        self.check_writable()?;
+        let _namespace = lock(&self.namespace);
+        let dir_ref = self.node(parent)?;
+        let mut dir = lock(&dir_ref);
+        let entries = dir.dir.as_ref().ok_or(FsError::NotDir)?;
+        authorizer::check(caller, &dir.secrets, AccessMask::WRITE_EXECUTE)?;
+        let entry = entries.get(name).ok_or(FsError::NotFound)?;
+        let child_ref = self.child(&dir, entry.inode)?;
+        let mut child = lock(&child_ref);
+        authorizer::check_sticky(caller, &dir.secrets, &child.secrets)?;
+        match (want_dir, child.is_dir()) {
+            (true, false) => return Err(FsError::NotDir),
+            (false, true) => return Err(FsError::IsDir),
+            (true, true)
+                if child
+                    .dir
+                    .as_ref()
+                    .is_some_and(|entries| !entries.is_empty()) =>
+            {
+                return Err(FsError::NotEmpty);
+            }
+            _ => {}
+        }
+        let saved_dir = dir.secrets.clone();
+        let saved_child = (child.secrets.clone(), child.body.parents.clone());
+        if let Some(entries) = dir.dir.as_mut() {
+            entries.remove(name);
+        }
+        let result = self
+            .unlink_from(&mut dir, &mut child)
+            .and_then(|tombstone| {
+                let removed = tombstone.is_some();
+                let outcome = match tombstone {
+                    Some(tombstone) => self.commit_together(&mut [&mut dir], vec![tombstone]),
+                    None => self.commit_together(&mut [&mut dir, &mut child], Vec::new()),
+                };
+                outcome.map(|()| removed)
+            });
+        match result {
+            Ok(removed) => {
+                if removed {
+                    drop(child);
+                    lock(&self.nodes).remove(&entry.inode);
+                    lock(&self.parents).remove(&entry.inode);
+                }
+                Ok(())
+            }
+            Err(error) => {
+                if let Some(entries) = dir.dir.as_mut() {
+                    entries.insert(name, entry);
+                }
+                dir.secrets = saved_dir;
+                child.secrets = saved_child.0;
+                child.body.parents = saved_child.1;
+                Err(error)
+            }
+        }
+    }
+
+    /// Removes a non-directory entry.
+    pub fn unlink(&self, caller: &Caller, parent: u64, name: &[u8]) -> FsResult<()> {
+        self.remove_entry(caller, parent, name, false)
+    }
+
+    /// Removes an empty directory.
+    pub fn rmdir(&self, caller: &Caller, parent: u64, name: &[u8]) -> FsResult<()> {
+        if name == b"." {
+            return Err(FsError::Invalid("rmdir of .".into()));
+        }
+        if name == b".." {
+            return Err(FsError::NotEmpty);
+        }
+        self.remove_entry(caller, parent, name, true)
+    }
+
+    // ----- linking and renaming -----
+
+    /// Adds the locked `child` to the locked directory `dir`'s parent entries.
+    fn adopt(&self, dir: &NodeState, child: &mut NodeState) -> FsResult<()> {
+        let Some(keys) = child.keys.as_ref() else {
+            return Ok(());
+        };
+        let file_key = SymmetricKey::from_slice(keys.file_key.as_bytes())
+            .ok_or_else(|| FsError::Io("file key".into()))?;
+        let ids = child.body.ids;
+        let salt = child.body.salt;
+        match dir.parent_info().key {
+            Some(parent_key) => {
+                let parent_ids = FileIds {
+                    generation: self.ctx.generation(),
+                    inode: dir.ino,
+                };
+                child
+                    .body
+                    .parents
+                    .grant(&salt, ids, parent_ids, &parent_key, &file_key)?;
+            }
+            None => {
+                // An unencrypted directory has no key to wrap under; keep the file
+                // readable by its writer.
+                child.body.readcaps.grant(
+                    child.body.hash_algorithm,
+                    &salt,
+                    ids,
+                    &self.ctx.creds.encryption_public_key(),
+                    &file_key,
+                )?;
+            }
+        }
+        child.meta_dirty = true;
+        Ok(())
+    }
+
+    /// A hard link to `ino` named `new_name` in `new_parent`.
+    pub fn link(
+        &self,
+        caller: &Caller,
+        ino: u64,
+        new_parent: u64,
+        new_name: &[u8],
+    ) -> FsResult<Attr> {
+        dir::check_name(new_name)?;
+        self.check_writable()?;
+        let _namespace = lock(&self.namespace);
+        let dir_ref = self.node(new_parent)?;
+        let child_ref = self.node(ino)?;
+        if Arc::ptr_eq(&dir_ref, &child_ref) {
+            return Err(FsError::NotPermitted("hard links to directories".into()));
+        }
+        let mut dir = lock(&dir_ref);
+        let mut child = lock(&child_ref);
+        if child.is_dir() {
+            return Err(FsError::NotPermitted("hard links to directories".into()));
+        }
+        let entries = dir.dir.as_ref().ok_or(FsError::NotDir)?;
+        authorizer::check(caller, &dir.secrets, AccessMask::WRITE_EXECUTE)?;
+        if entries.get(new_name).is_some() {
+            return Err(FsError::Exists);
+        }
+        let saved = (
+            child.secrets.clone(),
+            child.body.clone(),
+            dir.secrets.clone(),
+        );
+        let kind = FileKind::from_mode(child.secrets.mode).unwrap_or(FileKind::Regular);
+        if let Some(entries) = dir.dir.as_mut() {
+            entries.insert(new_name, Entry { inode: ino, kind });
+        }
+        child.secrets.nlink += 1;
+        child.touch_ctime();
+        let time = now();
+        dir.secrets.mtime = time;
+        dir.secrets.ctime = time;
+        dir.meta_dirty = true;
+        let result = self
+            .adopt(&dir, &mut child)
+            .and_then(|()| self.commit_together(&mut [&mut child, &mut dir], Vec::new()));
+        if let Err(error) = result {
+            if let Some(entries) = dir.dir.as_mut() {
+                entries.remove(new_name);
+            }
+            child.secrets = saved.0;
+            child.body = saved.1;
+            dir.secrets = saved.2;
+            return Err(error);
+        }
+        lock(&self.parents).insert(ino, new_parent);
+        Ok(Self::attr(&child))
+    }
+
+    /// True if `ancestor` is `ino` or one of the directories above it.
+    fn is_ancestor(&self, ancestor: u64, mut ino: u64) -> bool {
+        let parents = lock(&self.parents);
+        for _ in 0..4096 {
+            if ino == ancestor {
+                return true;
+            }
+            match parents.get(&ino) {
+                Some(&up) if up != ino => ino = up,
+                _ => return false,
+            }
+        }
+        false
+    }
+
+    /// Renames `parent/name` to `new_parent/new_name`.
+    pub fn rename(
+        &self,
+        caller: &Caller,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        mode: RenameMode,
+    ) -> FsResult<()> {
+        dir::check_name(name)?;
+        dir::check_name(new_name)?;
+        self.check_writable()?;
+        let _namespace = lock(&self.namespace);
+        let same_dir = parent == new_parent;
+        let old_ref = self.node(parent)?;
+        let new_ref = if same_dir {
+            old_ref.clone()
+        } else {
+            self.node(new_parent)?
+        };
+        let mut old_dir = lock(&old_ref);
+        let mut new_guard = if same_dir { None } else { Some(lock(&new_ref)) };
+        let source = {
+            let entries = old_dir.dir.as_ref().ok_or(FsError::NotDir)?;
+            authorizer::check(caller, &old_dir.secrets, AccessMask::WRITE_EXECUTE)?;
+            entries.get(name).ok_or(FsError::NotFound)?
+        };
+        let target = {
+            let new_dir: &NodeState = new_guard.as_deref().unwrap_or(&old_dir);
+            let entries = new_dir.dir.as_ref().ok_or(FsError::NotDir)?;
+            authorizer::check(caller, &new_dir.secrets, AccessMask::WRITE_EXECUTE)?;
+            entries.get(new_name)
+        };
+        if source.kind == FileKind::Directory
+            && !same_dir
+            && self.is_ancestor(source.inode, new_parent)
+        {
+            return Err(FsError::Invalid(
+                "cannot move a directory into itself".into(),
+            ));
+        }
+        let source_ref = self.child(&old_dir, source.inode)?;
+        let mut source_node = lock(&source_ref);
+        authorizer::check_sticky(caller, &old_dir.secrets, &source_node.secrets)?;
+        if let Some(target) = target
+            && target.inode == source.inode
+        {
+            // POSIX: renaming a link onto another link of the same file does nothing.
+            return if mode == RenameMode::NoReplace {
+                Err(FsError::Exists)
+            } else {
+                Ok(())
+            };
+        }
+        match (mode, target) {
+            (RenameMode::NoReplace, Some(_)) => return Err(FsError::Exists),
+            (RenameMode::Exchange, None) => return Err(FsError::NotFound),
+            _ => {}
+        }
+        let target_ref = match target {
+            Some(target) => {
+                let new_dir: &NodeState = new_guard.as_deref().unwrap_or(&old_dir);
+                Some(self.child(new_dir, target.inode)?)
+            }
+            None => None,
+        };
+        let mut target_node = target_ref.as_ref().map(|node| lock(node));
+        if let Some(target_node) = target_node.as_deref() {
+            let new_dir: &NodeState = new_guard.as_deref().unwrap_or(&old_dir);
+            authorizer::check_sticky(caller, &new_dir.secrets, &target_node.secrets)?;
+            if mode == RenameMode::Replace {
+                match (source_node.is_dir(), target_node.is_dir()) {
+                    (true, false) => return Err(FsError::NotDir),
+                    (false, true) => return Err(FsError::IsDir),
+                    (true, true)
+                        if target_node
+                            .dir
+                            .as_ref()
+                            .is_some_and(|entries| !entries.is_empty()) =>
+                    {
+                        return Err(FsError::NotEmpty);
+                    }
+                    _ => {}
+                }
+            }
+        }
+
+        // Remember everything the rename changes, to restore it if the batch fails.
+        let saved_old = (old_dir.secrets.clone(), old_dir.dir.clone());
+        let saved_new = new_guard
+            .as_deref()
+            .map(|dir| (dir.secrets.clone(), dir.dir.clone()));
+        let saved_source = (source_node.secrets.clone(), source_node.body.clone());
+        let saved_target = target_node
+            .as_deref()
+            .map(|node| (node.secrets.clone(), node.body.clone()));
+
+        let result = (|| -> FsResult<Option<blocktree_core::metadata::FileMeta>> {
+            let time = now();
+            let mut tombstone = None;
+            match mode {
+                RenameMode::Exchange => {
+                    let target = target.ok_or(FsError::NotFound)?;
+                    let target_node = target_node.as_deref_mut().ok_or(FsError::NotFound)?;
+                    if let Some(entries) = old_dir.dir.as_mut() {
+                        entries.replace(name, target);
+                    }
+                    let new_dir: &mut NodeState = match new_guard.as_deref_mut() {
+                        Some(dir) => dir,
+                        None => &mut old_dir,
+                    };
+                    if let Some(entries) = new_dir.dir.as_mut() {
+                        entries.replace(new_name, source);
+                    }
+                    if !same_dir {
+                        self.move_between(
+                            &mut old_dir,
+                            new_guard.as_deref_mut(),
+                            &mut source_node,
+                            true,
+                        )?;
+                        self.move_between_reverse(
+                            &mut old_dir,
+                            new_guard.as_deref_mut(),
+                            target_node,
+                        )?;
+                    }
+                    target_node.secrets.ctime = time;
+                    target_node.meta_dirty = true;
+                }
+                _ => {
+                    if let (Some(target), Some(target_node)) = (target, target_node.as_deref_mut())
+                    {
+                        let new_dir: &mut NodeState = match new_guard.as_deref_mut() {
+                            Some(dir) => dir,
+                            None => &mut old_dir,
+                        };
+                        if let Some(entries) = new_dir.dir.as_mut() {
+                            entries.remove(new_name);
+                        }
+                        let _ = target;
+                        tombstone = self.unlink_from(new_dir, target_node)?;
+                    }
+                    if let Some(entries) = old_dir.dir.as_mut() {
+                        entries.remove(name);
+                    }
+                    {
+                        let new_dir: &mut NodeState = match new_guard.as_deref_mut() {
+                            Some(dir) => dir,
+                            None => &mut old_dir,
+                        };
+                        if let Some(entries) = new_dir.dir.as_mut() {
+                            entries.insert(new_name, source);
+                        }
+                    }
+                    if !same_dir {
+                        self.move_between(
+                            &mut old_dir,
+                            new_guard.as_deref_mut(),
+                            &mut source_node,
+                            false,
+                        )?;
+                    }
+                }
+            }
+            source_node.secrets.ctime = time;
+            source_node.meta_dirty = true;
+            for dir in [Some(&mut *old_dir), new_guard.as_deref_mut()]
+                .into_iter()
+                .flatten()
+            {
+                dir.secrets.mtime = time;
+                dir.secrets.ctime = time;
+                dir.meta_dirty = true;
+            }
+            Ok(tombstone)
+        })();
+
+        let outcome = result.and_then(|tombstone| {
+            let removed = tombstone.as_ref().map(|meta| meta.body().ids.inode);
+            let mut nodes: Vec<&mut NodeState> = vec![&mut old_dir, &mut source_node];
+            if let Some(dir) = new_guard.as_deref_mut() {
+                nodes.push(dir);
+            }
+            if removed.is_none()
+                && let Some(target) = target_node.as_deref_mut()
+            {
+                nodes.push(target);
+            }
+            let removes = tombstone.into_iter().collect();
+            self.commit_together(&mut nodes, removes).map(|()| removed)
+        });
+        match outcome {
+            Ok(removed) => {
+                let mut parents = lock(&self.parents);
+                parents.insert(source.inode, new_parent);
+                if mode == RenameMode::Exchange
+                    && let Some(target) = target
+                {
+                    parents.insert(target.inode, parent);
+                }
+                if let Some(inode) = removed {
+                    parents.remove(&inode);
+                    drop(parents);
+                    drop(target_node);
+                    lock(&self.nodes).remove(&inode);
+                }
+                Ok(())
+            }
+            Err(error) => {
+                old_dir.secrets = saved_old.0;
+                old_dir.dir = saved_old.1;
+                if let (Some(dir), Some(saved)) = (new_guard.as_deref_mut(), saved_new) {
+                    dir.secrets = saved.0;
+                    dir.dir = saved.1;
+                }
+                source_node.secrets = saved_source.0;
+                source_node.body = saved_source.1;
+                if let (Some(node), Some(saved)) = (target_node.as_deref_mut(), saved_target) {
+                    node.secrets = saved.0;
+                    node.body = saved.1;
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Moves `child` from `old_dir` to `new_dir` (different directories): its
+    /// parent entry, and the directories' link counts for a subdirectory's `..`.
+    fn move_between(
+        &self,
+        old_dir: &mut NodeState,
+        new_dir: Option<&mut NodeState>,
+        child: &mut NodeState,
+        _exchange: bool,
+    ) -> FsResult<()> {
+        let Some(new_dir) = new_dir else {
+            return Ok(());
+        };
+        let salt = child.body.salt;
+        let old_ids = FileIds {
+            generation: self.ctx.generation(),
+            inode: old_dir.ino,
+        };
+        let still_in_old = old_dir.dir.as_ref().is_some_and(|entries| {
+            entries
+                .entries_from(0)
+                .any(|(_, _, entry)| entry.inode == child.ino)
+        });
+        if !still_in_old {
+            child.body.parents.remove(&salt, old_ids);
+        }
+        self.adopt(new_dir, child)?;
+        if child.is_dir() {
+            old_dir.secrets.nlink = old_dir.secrets.nlink.saturating_sub(1);
+            new_dir.secrets.nlink += 1;
+        }
+        Ok(())
+    }
+
+    /// The other half of an exchange: `child` moves from `new_dir` to `old_dir`.
+    fn move_between_reverse(
+        &self,
+        old_dir: &mut NodeState,
+        new_dir: Option<&mut NodeState>,
+        child: &mut NodeState,
+    ) -> FsResult<()> {
+        let Some(new_dir) = new_dir else {
+            return Ok(());
+        };
+        self.move_between(new_dir, Some(old_dir), child, true)
+    }
+
+    // ----- file handles -----
+
+    fn add_handle(&self, node: NodeRef, flags: i32) -> u64 {
+        let access = flags & libc::O_ACCMODE;
+        let handle = Handle {
+            node: node.clone(),
+            write: access == libc::O_WRONLY || access == libc::O_RDWR,
+            append: flags & libc::O_APPEND != 0,
+        };
+        lock(&node).handles += 1;
+        let fh = self.next_handle.fetch_add(1, Ordering::Relaxed);
+        lock(&self.handles).insert(fh, handle);
+        fh
+    }
+
+    fn handle(&self, fh: u64) -> FsResult<(NodeRef, bool, bool)> {
+        let handles = lock(&self.handles);
+        let handle = handles.get(&fh).ok_or(FsError::BadHandle)?;
+        Ok((handle.node.clone(), handle.write, handle.append))
+    }
+
+    /// Opens `ino` with `open(2)` flags; `O_TRUNC` truncates.
+    pub fn open(&self, caller: &Caller, ino: u64, flags: i32) -> FsResult<u64> {
+        let node_ref = self.node(ino)?;
+        {
+            let mut node = lock(&node_ref);
+            let access = flags & libc::O_ACCMODE;
+            let wanted = AccessMask {
+                read: access == libc::O_RDONLY || access == libc::O_RDWR,
+                write: access == libc::O_WRONLY
+                    || access == libc::O_RDWR
+                    || flags & libc::O_TRUNC != 0,
+                execute: false,
+            };
+            if wanted.write {
+                self.check_writable()?;
+                if node.is_dir() {
+                    return Err(FsError::IsDir);
+                }
+            }
+            authorizer::check(caller, &node.secrets, wanted)?;
+            if flags & libc::O_TRUNC != 0 && node.secrets.size != 0 {
+                node.truncate(&self.ctx, 0)?;
+            }
+        }
+        Ok(self.add_handle(node_ref, flags))
+    }
+
+    /// Reads up to `size` bytes at `offset`.
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let (node, _, _) = self.handle(fh)?;
+        let mut node = lock(&node);
+        node.read(&self.ctx, offset, u64::from(size))
+    }
+
+    /// Writes `data` at `offset` (at the end for `O_APPEND`); returns the count.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let (node, write, append) = self.handle(fh)?;
+        if !write {
+            return Err(FsError::BadHandle);
+        }
+        let mut node = lock(&node);
+        let offset = if append { node.secrets.size } else { offset };
+        node.write(&self.ctx, offset, data)?;
+        // Writing clears setuid/setgid, as on other file systems.
+        if node.secrets.mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
+            node.secrets.mode &= !(libc::S_ISUID | libc::S_ISGID);
+        }
+        if node.dirty_bytes() >= self.config.dirty_limit {
+            self.commit(&mut node)?;
+        }
+        u32::try_from(data.len()).map_err(|_| FsError::Invalid("write too large".into()))
+    }
+
+    /// Commits the buffered writes of the file (`close(2)`).
+    pub fn flush(&self, fh: u64) -> FsResult<()> {
+        let (node, _, _) = self.handle(fh)?;
+        let mut node = lock(&node);
+        self.commit(&mut node)
+    }
+
+    /// Commits and makes durable everything written to the file.
+    pub fn fsync(&self, fh: u64, _datasync: bool) -> FsResult<()> {
+        self.flush(fh)?;
+        Ok(self.ctx.service.flush()?)
+    }
+
+    /// Closes a handle: commits, and deletes the file if it was its last link.
+    pub fn release(&self, fh: u64) -> FsResult<()> {
+        let handle = lock(&self.handles).remove(&fh).ok_or(FsError::BadHandle)?;
+        let mut node = lock(&handle.node);
+        node.handles = node.handles.saturating_sub(1);
+        if node.secrets.nlink == 0 && node.handles == 0 {
+            let ino = node.ino;
+            let tombstone = node.tombstone(&self.ctx)?;
+            self.submit(SectorBatch {
+                files: Vec::new(),
+                removes: vec![tombstone],
+            })?;
+            drop(node);
+            lock(&self.nodes).remove(&ino);
+            return Ok(());
+        }
+        if node.is_dirty() {
+            self.commit(&mut node)?;
+        }
+        Ok(())
+    }
+
+    /// Checks that `caller` may list directory `ino`.
+    pub fn opendir(&self, caller: &Caller, ino: u64) -> FsResult<()> {
+        let node = self.node(ino)?;
+        let node = lock(&node);
+        if node.dir.is_none() {
+            return Err(FsError::NotDir);
+        }
+        authorizer::check(caller, &node.secrets, AccessMask::READ)
+    }
+
+    /// The entries of directory `ino` after `offset` (0 to start), "." and ".."
+    /// first. Offsets stay valid while entries are added and removed.
+    pub fn readdir(&self, caller: &Caller, ino: u64, offset: u64) -> FsResult<Vec<DirEntry>> {
+        let node_ref = self.node(ino)?;
+        let node = lock(&node_ref);
+        let entries = node.dir.as_ref().ok_or(FsError::NotDir)?;
+        authorizer::check(caller, &node.secrets, AccessMask::READ)?;
+        let mut out = Vec::new();
+        if offset == 0 {
+            out.push(DirEntry {
+                ino,
+                next_offset: 1,
+                kind: FileKind::Directory,
+                name: b".".to_vec(),
+            });
+        }
+        if offset <= 1 {
+            let up = if ino == Self::ROOT {
+                ino
+            } else {
+                lock(&self.parents).get(&ino).copied().unwrap_or(Self::ROOT)
+            };
+            out.push(DirEntry {
+                ino: up,
+                next_offset: 2,
+                kind: FileKind::Directory,
+                name: b"..".to_vec(),
+            });
+        }
+        let mut parents = lock(&self.parents);
+        for (cookie, name, entry) in entries.entries_from(offset.saturating_sub(2)) {
+            parents.entry(entry.inode).or_insert(ino);
+            out.push(DirEntry {
+                ino: entry.inode,
+                next_offset: cookie + 3,
+                kind: entry.kind,
+                name: name.to_vec(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Makes the directory's committed entries durable.
+    pub fn fsyncdir(&self, ino: u64) -> FsResult<()> {
+        let node = self.node(ino)?;
+        {
+            let mut node = lock(&node);
+            self.commit(&mut node)?;
+        }
+        Ok(self.ctx.service.flush()?)
+    }
+
+    /// `fallocate(2)`: modes 0 and `FALLOC_FL_KEEP_SIZE` reserve (nothing to reserve
+    /// in a log-structured store, but the size grows), `PUNCH_HOLE` and
+    /// `ZERO_RANGE` make a range read as zeros.
+    pub fn fallocate(
+        &self,
+        caller: &Caller,
+        ino: u64,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> FsResult<()> {
+        self.check_writable()?;
+        let node_ref = self.node(ino)?;
+        let mut node = lock(&node_ref);
+        if node.is_dir() {
+            return Err(FsError::IsDir);
+        }
+        authorizer::check(caller, &node.secrets, AccessMask::WRITE)?;
+        let end = offset.checked_add(length).ok_or(FsError::TooLarge)?;
+        let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+        let known =
+            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_ZERO_RANGE;
+        if mode & !known != 0 {
+            return Err(FsError::Unsupported("this fallocate mode"));
+        }
+        if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+            if !keep_size {
+                return Err(FsError::Invalid("PUNCH_HOLE needs KEEP_SIZE".into()));
+            }
+            node.punch(&self.ctx, offset, length)?;
+        } else if mode & libc::FALLOC_FL_ZERO_RANGE != 0 {
+            node.punch(&self.ctx, offset, length)?;
+            if !keep_size && end > node.secrets.size {
+                node.truncate(&self.ctx, end)?;
+            }
+        } else if !keep_size && end > node.secrets.size {
+            node.truncate(&self.ctx, end)?;
+        }
+        Ok(())
+    }
+
+    // ----- extended attributes -----
+
+    fn check_xattr_name(
+        caller: &Caller,
+        node: &NodeState,
+        name: &[u8],
+        write: bool,
+    ) -> FsResult<()> {
+        if name.is_empty() || name.len() > 255 {
+            return Err(FsError::Invalid("xattr name length".into()));
+        }
+        if name.starts_with(b"user.") {
+            let kind = node.secrets.mode & libc::S_IFMT;
+            if write && kind != libc::S_IFREG && kind != libc::S_IFDIR {
+                return Err(FsError::NotPermitted("user xattrs on special files".into()));
+            }
+            let wanted = if write {
+                AccessMask::WRITE
+            } else {
+                AccessMask::READ
+            };
+            authorizer::check(caller, &node.secrets, wanted)
+        } else if name.starts_with(b"trusted.") || name.starts_with(b"security.") {
+            if write && caller.uid != 0 {
+                return Err(FsError::NotPermitted(
+                    "trusted and security xattrs need root".into(),
+                ));
+            }
+            Ok(())
+        } else {
+            Err(FsError::Unsupported("xattr namespace"))
+        }
+    }
+
+    /// Sets an extended attribute (kept in the encrypted part of the metadata).
+    pub fn setxattr(
+        &self,
+        caller: &Caller,
+        ino: u64,
+        name: &[u8],
+        value: &[u8],
+        flags: i32,
+    ) -> FsResult<()> {
+        self.check_writable()?;
+        if value.len() > 64 * 1024 {
+            return Err(FsError::Invalid("xattr value larger than 64 KiB".into()));
+        }
+        let node_ref = self.node(ino)?;
+        let mut node = lock(&node_ref);
+        Self::check_xattr_name(caller, &node, name, true)?;
+        if name == ENCRYPT_XATTR && value != b"on" && value != b"off" {
+            return Err(FsError::Invalid(format!(
+                "{} must be \"on\" or \"off\"",
+                String::from_utf8_lossy(ENCRYPT_XATTR)
+            )));
+        }
+        let key = serde_bytes::ByteBuf::from(name.to_vec());
+        let exists = node.secrets.xattrs.contains_key(&key);
+        if flags & libc::XATTR_CREATE != 0 && exists {
+            return Err(FsError::Exists);
+        }
+        if flags & libc::XATTR_REPLACE != 0 && !exists {
+            return Err(FsError::NoAttribute);
+        }
+        let previous = node
+            .secrets
+            .xattrs
+            .insert(key.clone(), serde_bytes::ByteBuf::from(value.to_vec()));
+        node.touch_ctime();
+        if let Err(error) = self.commit(&mut node) {
+            match previous {
+                Some(previous) => node.secrets.xattrs.insert(key, previous),
+                None => node.secrets.xattrs.remove(&key),
+            };
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// The value of an extended attribute.
+    pub fn getxattr(&self, caller: &Caller, ino: u64, name: &[u8]) -> FsResult<Vec<u8>> {
+        let node_ref = self.node(ino)?;
+        let node = lock(&node_ref);
+        Self::check_xattr_name(caller, &node, name, false)?;
+        node.secrets
+            .xattrs
+            .get(&xattr_key(name))
+            .map(|value| value.to_vec())
+            .ok_or(FsError::NoAttribute)
+    }
+
+    /// The names of the extended attributes.
+    pub fn listxattr(&self, _caller: &Caller, ino: u64) -> FsResult<Vec<Vec<u8>>> {
+        let node_ref = self.node(ino)?;
+        let node = lock(&node_ref);
+        Ok(node
+            .secrets
+            .xattrs
+            .keys()
+            .map(|name| name.to_vec())
+            .collect())
+    }
+
+    /// Removes an extended attribute.
+    pub fn removexattr(&self, caller: &Caller, ino: u64, name: &[u8]) -> FsResult<()> {
+        self.check_writable()?;
+        let node_ref = self.node(ino)?;
+        let mut node = lock(&node_ref);
+        Self::check_xattr_name(caller, &node, name, true)?;
+        let previous = node
+            .secrets
+            .xattrs
+            .remove(&xattr_key(name))
+            .ok_or(FsError::NoAttribute)?;
+        node.touch_ctime();
+        if let Err(error) = self.commit(&mut node) {
+            node.secrets
+                .xattrs
+                .insert(serde_bytes::ByteBuf::from(name.to_vec()), previous);
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    // ----- the whole file system -----
+
+    /// Space and inode figures.
+    pub fn statfs(&self) -> FsResult<StatFs> {
+        let (free, total) = self.ctx.service.space()?;
+        let block = u64::from(crate::attr::BLOCK_SIZE);
+        Ok(StatFs {
+            blocks: total / block,
+            blocks_free: free / block,
+            blocks_available: free / block,
+            files: u64::from(u32::MAX),
+            files_free: u64::from(u32::MAX) / 2,
+            block_size: crate::attr::BLOCK_SIZE,
+            name_max: NAME_MAX as u32,
+        })
+    }
+
+    /// One message per committed sector write of `ino`.
+    pub fn subscribe(&self, ino: u64) -> Receiver<SectorId> {
+        self.ctx.service.subscribe(ino)
+    }
+
+    /// Commits every buffered change and makes everything durable (unmount).
+    pub fn sync_all(&self) -> FsResult<()> {
+        let nodes: Vec<NodeRef> = lock(&self.nodes).values().cloned().collect();
+        let mut first_error = None;
+        for node in nodes {
+            let mut node = lock(&node);
+            if node.is_dirty()
+                && node.secrets.nlink > 0
+                && let Err(error) = self.commit(&mut node)
+            {
+                tracing::error!(inode = node.ino, "commit at sync failed: {error}");
+                first_error.get_or_insert(error);
+            }
+        }
+        self.ctx.service.flush()?;
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// The inode at `path` ("/a/b", relative to the volume's root).
+    pub fn resolve(&self, caller: &Caller, path: &str) -> FsResult<u64> {
+        let mut ino = Self::ROOT;
+        for component in path.split('/').filter(|part| !part.is_empty()) {
+            ino = self.lookup(caller, ino, component.as_bytes())?.ino;
+        }
+        Ok(ino)
+    }
+
+    /// Grants `reader` a readcap on encrypted file or directory `ino` (a directory's
+    /// readcap opens its whole subtree through the parent tables).
+    pub fn grant_readcap(
+        &self,
+        caller: &Caller,
+        ino: u64,
+        reader: &EncryptionPublicKey,
+    ) -> FsResult<()> {
+        self.check_writable()?;
+        let node_ref = self.node(ino)?;
+        let mut node = lock(&node_ref);
+        authorizer::check_owner(caller, &node.secrets, "grant readcaps")?;
+        let keys = node.keys.as_ref().ok_or(FsError::Invalid(
+            "the file is not encrypted: anyone may read it".into(),
+        ))?;
+        let file_key = SymmetricKey::from_slice(keys.file_key.as_bytes())
+            .ok_or_else(|| FsError::Io("file key".into()))?;
+        let (ids, salt, algorithm) = (node.body.ids, node.body.salt, node.body.hash_algorithm);
+        let saved = node.body.readcaps.clone();
+        node.body
+            .readcaps
+            .grant(algorithm, &salt, ids, reader, &file_key)?;
+        node.touch_ctime();
+        if let Err(error) = self.commit(&mut node) {
+            node.body.readcaps = saved;
+            return Err(error);
+        }
+        Ok(self.ctx.service.flush()?)
+    }
+}

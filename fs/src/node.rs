@@ -1,0 +1,669 @@
+//! A file's open state: the design's *file actor*. It holds the verified metadata,
+//! the file's keys, its Merkle tree and the writes not yet committed; it buffers
+//! writes to whole sectors, seals them, updates the tree once per batch and signs
+//! the metadata once per batch; it verifies every sector it reads against the tree
+//! whose root the signed metadata holds.
+
+use crate::attr::now;
+use crate::dir::Directory;
+use crate::error::{FsError, FsResult};
+use blocktree_core::aead::SymmetricKey;
+use blocktree_core::credstore::{CredStore, RuntimeSigner};
+use blocktree_core::merkle::MerkleTree;
+use blocktree_core::metadata::{FileMeta, MetaBody, MetaSecrets};
+use blocktree_core::readcap::FileIds;
+use blocktree_core::sector::{SectorId, SectorKind, SectorOpener, SectorSealer};
+use blocktree_core::time::Timestamp;
+use blocktree_core::writecap::RevocationList;
+use blocktree_raftlog::{FileWrite, ReadAccess, SectorService};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Sectors a file keeps in its cache.
+const CACHED_SECTORS: usize = 256;
+
+/// What every node needs from the file system: the store and the credentials.
+pub(crate) struct Ctx {
+    pub service: Arc<dyn SectorService>,
+    pub creds: Arc<dyn CredStore>,
+    pub revoked: RevocationList,
+}
+
+impl Ctx {
+    pub fn generation(&self) -> u64 {
+        self.service.generation()
+    }
+
+    /// Checks metadata read from the store: signature, and a writecap chain rooted
+    /// at the generation directory's root. Expiry is judged at the time the
+    /// writecap was still valid: a file written under a writecap that has since
+    /// expired stays readable (a reader cannot know when it was written), while
+    /// new writes need a writecap valid now.
+    pub fn verify_read(&self, meta: &FileMeta) -> FsResult<()> {
+        let now = Timestamp::now();
+        let at = match meta.body().writecap.expires() {
+            Some(expires) if expires < now => Timestamp(expires.0.saturating_sub(1)),
+            _ => now,
+        };
+        meta.verify(self.service.directory(), at, &self.revoked)
+            .map_err(|error| {
+                let inode = meta.body().ids.inode;
+                tracing::error!(inode, "metadata refused: {error}");
+                FsError::Io(format!(
+                    "metadata of inode {inode} failed verification: {error}"
+                ))
+            })
+    }
+}
+
+/// The keys of an encrypted file.
+pub(crate) struct NodeKeys {
+    pub file_key: SymmetricKey,
+    epoch_keys: BTreeMap<u32, SymmetricKey>,
+    sealer: SectorSealer,
+    opener: SectorOpener,
+}
+
+/// How a node was reached, to open its key without a readcap of its own.
+pub(crate) struct ParentInfo {
+    pub ino: u64,
+    pub key: Option<SymmetricKey>,
+    pub chain: Vec<u64>,
+}
+
+/// The open state of one file or directory.
+pub(crate) struct NodeState {
+    pub ino: u64,
+    /// The committed metadata body, or for a new file the body to sign first.
+    pub body: MetaBody,
+    pub secrets: MetaSecrets,
+    pub keys: Option<NodeKeys>,
+    /// Inodes from a readcap holder to this file, for [`ReadAccess`].
+    pub chain: Vec<u64>,
+    tree: Option<MerkleTree>,
+    /// Plaintext of sectors written and not yet committed.
+    dirty: BTreeMap<u64, Vec<u8>>,
+    dirty_bytes: usize,
+    /// Sectors punched to holes and not yet committed.
+    holes: BTreeSet<u64>,
+    /// Secrets (size, times, mode, xattrs…) changed and not yet committed.
+    pub meta_dirty: bool,
+    cache: HashMap<u64, (Instant, Vec<u8>)>,
+    /// The entries, for a directory once loaded.
+    pub dir: Option<Directory>,
+    /// File handles open on this node.
+    pub handles: u32,
+}
+
+fn ids(ctx: &Ctx, ino: u64) -> FileIds {
+    FileIds {
+        generation: ctx.generation(),
+        inode: ino,
+    }
+}
+
+impl NodeKeys {
+    /// Opens the epoch keys under `file_key` and prepares the sealer of the current
+    /// epoch.
+    pub fn open(body: &MetaBody, file_key: SymmetricKey) -> FsResult<NodeKeys> {
+        let state = body
+            .keys
+            .as_ref()
+            .ok_or_else(|| FsError::Io("keys asked of an unencrypted file".into()))?;
+        let epoch_keys = state.epoch_keys.open_all(body.ids, &file_key)?;
+        let current = epoch_keys
+            .get(&state.epoch)
+            .ok_or_else(|| FsError::Io(format!("no key for epoch {}", state.epoch)))?;
+        let sealer = SectorSealer::new(state.epoch, current, state.seals_in_epoch)?;
+        let mut opener = SectorOpener::new();
+        for (epoch, key) in &epoch_keys {
+            opener.add_epoch(*epoch, key)?;
+        }
+        Ok(NodeKeys {
+            file_key,
+            epoch_keys,
+            sealer,
+            opener,
+        })
+    }
+
+    fn epoch_key(&self) -> FsResult<&SymmetricKey> {
+        self.epoch_keys
+            .get(&self.sealer.epoch())
+            .ok_or_else(|| FsError::Io("current epoch key missing".into()))
+    }
+}
+
+impl NodeState {
+    /// A node for metadata just created (not yet stored).
+    pub fn fresh(
+        ino: u64,
+        body: MetaBody,
+        secrets: MetaSecrets,
+        keys: Option<NodeKeys>,
+        chain: Vec<u64>,
+    ) -> NodeState {
+        let is_dir = secrets.mode & libc::S_IFMT == libc::S_IFDIR;
+        let algorithm = body.hash_algorithm;
+        NodeState {
+            ino,
+            body,
+            secrets,
+            keys,
+            chain,
+            tree: Some(MerkleTree::new(algorithm)),
+            dirty: BTreeMap::new(),
+            dirty_bytes: 0,
+            holes: BTreeSet::new(),
+            meta_dirty: true,
+            cache: HashMap::new(),
+            dir: is_dir.then(Directory::new),
+            handles: 0,
+        }
+    }
+
+    /// Loads inode `ino` from the store and opens it with a readcap of ours or
+    /// through `parent`.
+    pub fn load(ctx: &Ctx, ino: u64, parent: Option<&ParentInfo>) -> FsResult<NodeState> {
+        let meta = ctx.service.read_meta(ino)?.ok_or(FsError::NotFound)?;
+        ctx.verify_read(&meta)?;
+        let body = meta.body();
+        if body.ids != ids(ctx, ino) {
+            return Err(FsError::Io(format!(
+                "metadata stored for inode {ino} names another file"
+            )));
+        }
+        let (keys, chain) = if body.keys.is_some() {
+            let own = ctx.creds.encryption_public_key();
+            if body.readcaps.allows(&body.salt, &own) {
+                let key = body
+                    .readcaps
+                    .open(&body.salt, body.ids, ctx.creds.as_ref())?;
+                (Some(NodeKeys::open(body, key)?), vec![ino])
+            } else {
+                let parent = parent.ok_or_else(|| {
+                    FsError::Access("no readcap reaches this encrypted file".into())
+                })?;
+                let parent_key = parent.key.as_ref().ok_or_else(|| {
+                    FsError::Access("no readcap reaches this encrypted file".into())
+                })?;
+                let key =
+                    body.parents
+                        .open(&body.salt, body.ids, ids(ctx, parent.ino), parent_key)?;
+                let mut chain = parent.chain.clone();
+                chain.push(ino);
+                (Some(NodeKeys::open(body, key)?), chain)
+            }
+        } else {
+            let chain = parent.map_or_else(Vec::new, |parent| {
+                let mut chain = parent.chain.clone();
+                chain.push(ino);
+                chain
+            });
+            (None, chain)
+        };
+        let epoch_keys = keys.as_ref().map(|keys| &keys.epoch_keys);
+        let secrets = body.secrets(epoch_keys)?;
+        let is_dir = secrets.mode & libc::S_IFMT == libc::S_IFDIR;
+        let body = meta.into_body();
+        let mut node = NodeState {
+            ino,
+            body,
+            secrets,
+            keys,
+            chain,
+            tree: None,
+            dirty: BTreeMap::new(),
+            dirty_bytes: 0,
+            holes: BTreeSet::new(),
+            meta_dirty: false,
+            cache: HashMap::new(),
+            dir: None,
+            handles: 0,
+        };
+        if is_dir {
+            let count = node.body.sector_count;
+            let indices: Vec<u64> = (0..count).collect();
+            let blocks = node.read_sectors(ctx, &indices)?;
+            node.dir = Some(Directory::from_blocks(&blocks)?);
+        }
+        Ok(node)
+    }
+
+    /// What a child needs to open its key through this directory.
+    pub fn parent_info(&self) -> ParentInfo {
+        ParentInfo {
+            ino: self.ino,
+            key: self
+                .keys
+                .as_ref()
+                .map(|keys| SymmetricKey::from_slice(keys.file_key.as_bytes()))
+                .and_then(|key| key),
+            chain: self.chain.clone(),
+        }
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.secrets.mode & libc::S_IFMT == libc::S_IFDIR
+    }
+
+    pub fn sector_size(&self) -> u64 {
+        u64::from(self.body.sector_size)
+    }
+
+    /// True if writes or attribute changes wait to be committed.
+    pub fn is_dirty(&self) -> bool {
+        self.meta_dirty
+            || !self.dirty.is_empty()
+            || !self.holes.is_empty()
+            || self.dir.as_ref().is_some_and(Directory::is_dirty)
+    }
+
+    /// Bytes of sector data waiting to be committed.
+    pub fn dirty_bytes(&self) -> usize {
+        self.dirty_bytes
+    }
+
+    fn access(&self, ctx: &Ctx) -> Option<ReadAccess> {
+        self.keys.as_ref().map(|_| ReadAccess {
+            reader: ctx.creds.encryption_public_key(),
+            chain: self.chain.clone(),
+        })
+    }
+
+    fn ensure_tree(&mut self, ctx: &Ctx) -> FsResult<()> {
+        if self.tree.is_some() {
+            return Ok(());
+        }
+        let body = &self.body;
+        let algorithm = body.hash_algorithm;
+        let pieces = blocktree_raftlog::pieces::piece_count(algorithm, body.sector_count);
+        let mut leaves = Vec::with_capacity(body.sector_count as usize * algorithm.output_len());
+        for piece in 0..pieces {
+            let bytes = ctx.service.read_merkle_piece(self.ino, piece)?;
+            let expected =
+                blocktree_raftlog::pieces::expected_piece_len(algorithm, body.sector_count, piece);
+            if bytes.len() != expected {
+                return Err(FsError::tampered(
+                    self.sector_id(ctx, SectorKind::Merkle(piece)),
+                    format!("Merkle piece of {} bytes, expected {expected}", bytes.len()),
+                ));
+            }
+            leaves.extend_from_slice(&bytes);
+        }
+        let tree = MerkleTree::from_leaf_bytes(algorithm, leaves)?;
+        if tree.root() != body.merkle_root {
+            return Err(FsError::tampered(
+                self.sector_id(ctx, SectorKind::Merkle(0)),
+                "the stored Merkle leaves do not hash to the signed root",
+            ));
+        }
+        self.tree = Some(tree);
+        Ok(())
+    }
+
+    fn sector_id(&self, ctx: &Ctx, sector: SectorKind) -> SectorId {
+        SectorId {
+            generation: ctx.generation(),
+            inode: self.ino,
+            sector,
+        }
+    }
+
+    fn cache_lifetime(&self) -> Duration {
+        Duration::from_secs(u64::from(self.secrets.cache_seconds))
+    }
+
+    /// The plaintext of sectors `indices` (each `sector_size` bytes; zeros for holes
+    /// and sectors past the end), verified against the signed Merkle root.
+    pub fn read_sectors(&mut self, ctx: &Ctx, indices: &[u64]) -> FsResult<Vec<Vec<u8>>> {
+        let size = self.sector_size() as usize;
+        let count = self.body.sector_count;
+        let lifetime = self.cache_lifetime();
+        let mut out: Vec<Option<Vec<u8>>> = Vec::with_capacity(indices.len());
+        let mut missing = Vec::new();
+        for &index in indices {
+            if let Some(plaintext) = self.dirty.get(&index) {
+                out.push(Some(plaintext.clone()));
+            } else if self.holes.contains(&index) || index >= count {
+                out.push(Some(vec![0u8; size]));
+            } else {
+                match self.cache.get(&index) {
+                    Some((at, plaintext)) if at.elapsed() <= lifetime => {
+                        out.push(Some(plaintext.clone()));
+                    }
+                    _ => {
+                        out.push(None);
+                        missing.push(index);
+                    }
+                }
+            }
+        }
+        if missing.is_empty() {
+            return Ok(out.into_iter().flatten().collect());
+        }
+        self.ensure_tree(ctx)?;
+        let access = self.access(ctx);
+        let records = ctx.service.read_data(self.ino, &missing, access.as_ref())?;
+        let mut fetched = HashMap::with_capacity(missing.len());
+        for (index, record) in missing.iter().zip(records) {
+            let plaintext = self.verify_and_open(ctx, *index, record.as_deref())?;
+            fetched.insert(*index, plaintext);
+        }
+        if self.cache.len() + fetched.len() > CACHED_SECTORS {
+            self.cache.clear();
+        }
+        let now = Instant::now();
+        let mut result = Vec::with_capacity(indices.len());
+        for (slot, index) in out.into_iter().zip(indices) {
+            match slot {
+                Some(plaintext) => result.push(plaintext),
+                None => {
+                    let plaintext = fetched
+                        .get(index)
+                        .cloned()
+                        .ok_or_else(|| FsError::Io("sector fetched twice".into()))?;
+                    if fetched.len() <= CACHED_SECTORS {
+                        self.cache.insert(*index, (now, plaintext.clone()));
+                    }
+                    result.push(plaintext);
+                }
+            }
+        }
+        Ok(result)
+    }
+
+    /// Checks a stored record against its leaf, then decrypts it.
+    fn verify_and_open(&self, ctx: &Ctx, index: u64, record: Option<&[u8]>) -> FsResult<Vec<u8>> {
+        let id = self.sector_id(ctx, SectorKind::Data(index));
+        let tree = self
+            .tree
+            .as_ref()
+            .ok_or_else(|| FsError::Io("tree not loaded".into()))?;
+        let algorithm = tree.algorithm();
+        let leaf = tree
+            .leaf(index)
+            .ok_or_else(|| FsError::tampered(id, "no leaf for the sector"))?;
+        let size = self.sector_size() as usize;
+        let record = record.unwrap_or(&[]);
+        if MerkleTree::leaf_hash(algorithm, record) != leaf {
+            return Err(FsError::tampered(
+                id,
+                "its hash is not the signed Merkle leaf",
+            ));
+        }
+        if record.is_empty() {
+            return Ok(vec![0u8; size]);
+        }
+        let plaintext = match &self.keys {
+            Some(keys) => keys
+                .opener
+                .open_to_vec(&id, record)
+                .map_err(|error| FsError::tampered(id, error))?,
+            None => record.to_vec(),
+        };
+        if plaintext.len() != size {
+            return Err(FsError::tampered(id, "wrong length"));
+        }
+        Ok(plaintext)
+    }
+
+    /// Reads up to `len` bytes at `offset`, stopping at the end of the file.
+    pub fn read(&mut self, ctx: &Ctx, offset: u64, len: u64) -> FsResult<Vec<u8>> {
+        let size = self.secrets.size;
+        if offset >= size || len == 0 {
+            return Ok(Vec::new());
+        }
+        let end = size.min(offset.saturating_add(len));
+        let sector = self.sector_size();
+        let first = offset / sector;
+        let last = (end - 1) / sector;
+        let indices: Vec<u64> = (first..=last).collect();
+        let sectors = self.read_sectors(ctx, &indices)?;
+        let mut out = Vec::with_capacity((end - offset) as usize);
+        for (index, plaintext) in indices.iter().zip(sectors) {
+            let start = index * sector;
+            let from = offset.max(start) - start;
+            let to = end.min(start + sector) - start;
+            out.extend_from_slice(&plaintext[from as usize..to as usize]);
+        }
+        Ok(out)
+    }
+
+    /// Writes `data` at `offset` into whole-sector buffers; commits later.
+    pub fn write(&mut self, ctx: &Ctx, offset: u64, data: &[u8]) -> FsResult<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let end = offset
+            .checked_add(data.len() as u64)
+            .filter(|&end| end <= MAX_FILE_SIZE)
+            .ok_or(FsError::TooLarge)?;
+        let sector = self.sector_size();
+        let first = offset / sector;
+        let last = (end - 1) / sector;
+        // Sectors only partly covered need their current contents first.
+        let partial: Vec<u64> = [first, last]
+            .into_iter()
+            .filter(|&index| {
+                let start = index * sector;
+                let covered = offset <= start && end >= start + sector;
+                !covered && !self.dirty.contains_key(&index)
+            })
+            .collect::<BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let bases = self.read_sectors(ctx, &partial)?;
+        let mut bases: HashMap<u64, Vec<u8>> = partial.into_iter().zip(bases).collect();
+        for index in first..=last {
+            let start = index * sector;
+            let from = offset.max(start);
+            let to = end.min(start + sector);
+            let source = &data[(from - offset) as usize..(to - offset) as usize];
+            let buffer = match self.dirty.get_mut(&index) {
+                Some(buffer) => buffer,
+                None => {
+                    let buffer = bases
+                        .remove(&index)
+                        .unwrap_or_else(|| vec![0u8; sector as usize]);
+                    self.dirty_bytes += buffer.len();
+                    self.cache.remove(&index);
+                    self.holes.remove(&index);
+                    self.dirty.entry(index).or_insert(buffer)
+                }
+            };
+            buffer[(from - start) as usize..(to - start) as usize].copy_from_slice(source);
+        }
+        if end > self.secrets.size {
+            self.secrets.size = end;
+        }
+        let time = now();
+        self.secrets.mtime = time;
+        self.secrets.ctime = time;
+        self.meta_dirty = true;
+        Ok(())
+    }
+
+    /// Changes the length: bytes past a shrunk end are gone (a later growth reads
+    /// zeros), growth reads as zeros.
+    pub fn truncate(&mut self, ctx: &Ctx, size: u64) -> FsResult<()> {
+        if size > MAX_FILE_SIZE {
+            return Err(FsError::TooLarge);
+        }
+        let sector = self.sector_size();
+        let old = self.secrets.size;
+        if size < old {
+            let keep = size.div_ceil(sector);
+            let cut: Vec<u64> = self.dirty.range(keep..).map(|(index, _)| *index).collect();
+            for index in cut {
+                if let Some(buffer) = self.dirty.remove(&index) {
+                    self.dirty_bytes -= buffer.len();
+                }
+            }
+            self.holes.retain(|&index| index < keep);
+            self.cache.retain(|&index, _| index < keep);
+            let tail = size % sector;
+            if tail != 0 {
+                // The kept part of the last sector stays; the rest must read as zeros
+                // if the file grows again.
+                let zeros = vec![0u8; (sector - tail) as usize];
+                let end = self.secrets.size;
+                self.write(ctx, size, &zeros)?;
+                self.secrets.size = end;
+            }
+        }
+        self.secrets.size = size;
+        let time = now();
+        self.secrets.mtime = time;
+        self.secrets.ctime = time;
+        self.meta_dirty = true;
+        Ok(())
+    }
+
+    /// Makes `offset..offset + len` read as zeros: whole sectors become holes.
+    pub fn punch(&mut self, ctx: &Ctx, offset: u64, len: u64) -> FsResult<()> {
+        let end = offset.saturating_add(len).min(self.secrets.size);
+        if offset >= end {
+            return Ok(());
+        }
+        let sector = self.sector_size();
+        let first_whole = offset.div_ceil(sector);
+        let end_whole = end / sector;
+        for index in first_whole..end_whole {
+            if let Some(buffer) = self.dirty.remove(&index) {
+                self.dirty_bytes -= buffer.len();
+            }
+            self.cache.remove(&index);
+            self.holes.insert(index);
+        }
+        let size = self.secrets.size;
+        let head_end = end.min(first_whole * sector);
+        if offset < head_end {
+            self.write(ctx, offset, &vec![0u8; (head_end - offset) as usize])?;
+        }
+        let tail_start = (end_whole * sector).max(offset);
+        if tail_start < end && end_whole >= first_whole {
+            self.write(ctx, tail_start, &vec![0u8; (end - tail_start) as usize])?;
+        }
+        self.secrets.size = size;
+        self.meta_dirty = true;
+        Ok(())
+    }
+
+    /// Seals the buffered sectors, updates the tree once and signs new metadata:
+    /// the file's part of a batch. `None` if nothing changed. The node is unchanged
+    /// until [`NodeState::finish_commit`]; on a refused batch call
+    /// [`NodeState::abort_commit`].
+    pub fn prepare_commit(&mut self, ctx: &Ctx) -> FsResult<Option<FileWrite>> {
+        if let Some(dir) = self.dir.as_mut()
+            && dir.is_dirty()
+        {
+            let (blocks, count) = dir.take_dirty();
+            for (index, plaintext) in blocks {
+                self.dirty_bytes += plaintext.len();
+                if let Some(old) = self.dirty.insert(index, plaintext) {
+                    self.dirty_bytes -= old.len();
+                }
+                self.holes.remove(&index);
+            }
+            self.secrets.size = count * self.sector_size();
+            self.meta_dirty = true;
+        }
+        if !self.is_dirty() {
+            return Ok(None);
+        }
+        self.ensure_tree(ctx)?;
+        let writecap = ctx
+            .creds
+            .writecap()
+            .cloned()
+            .ok_or_else(|| FsError::ReadOnly("this runtime holds no writecap".into()))?;
+        let sector = self.sector_size();
+        let sector_count = self.secrets.size.div_ceil(sector);
+        let mut data = Vec::with_capacity(self.dirty.len());
+        for (index, plaintext) in self.dirty.range(..sector_count) {
+            let id = self.sector_id(ctx, SectorKind::Data(*index));
+            let record = match &self.keys {
+                Some(keys) => keys.sealer.seal_to_vec(&id, plaintext)?,
+                None => plaintext.clone(),
+            };
+            data.push((*index, record));
+        }
+        let holes: Vec<u64> = self.holes.range(..sector_count).copied().collect();
+        let tree = self
+            .tree
+            .as_mut()
+            .ok_or_else(|| FsError::Io("tree not loaded".into()))?;
+        let algorithm = tree.algorithm();
+        tree.truncate(sector_count);
+        let hole = MerkleTree::leaf_hash(algorithm, &[]);
+        let mut leaves: Vec<_> = data
+            .iter()
+            .map(|(index, record)| (*index, MerkleTree::leaf_hash(algorithm, record)))
+            .chain(holes.iter().map(|index| (*index, hole)))
+            .collect();
+        if sector_count > tree.leaf_count() && !self.dirty.contains_key(&(sector_count - 1)) {
+            leaves.push((sector_count - 1, hole));
+        }
+        tree.update_leaf_hashes(leaves)?;
+        let mut body = self.body.clone();
+        body.merkle_root = tree.root();
+        body.sector_count = sector_count;
+        body.writecap = writecap;
+        match &self.keys {
+            Some(keys) => {
+                body.set_secrets(&self.secrets, Some((&keys.sealer, keys.epoch_key()?)))?
+            }
+            None => body.set_secrets(&self.secrets, None)?,
+        }
+        let meta = FileMeta::sign(body, &RuntimeSigner(ctx.creds.as_ref()))?;
+        Ok(Some(FileWrite { meta, data, holes }))
+    }
+
+    /// Installs the committed metadata; committed sectors move to the cache.
+    pub fn finish_commit(&mut self, meta: FileMeta) {
+        self.body = meta.into_body();
+        let now = Instant::now();
+        let dirty = std::mem::take(&mut self.dirty);
+        if dirty.len() + self.cache.len() > CACHED_SECTORS {
+            self.cache.clear();
+        }
+        if dirty.len() <= CACHED_SECTORS {
+            for (index, plaintext) in dirty {
+                self.cache.insert(index, (now, plaintext));
+            }
+        }
+        self.dirty_bytes = 0;
+        self.holes.clear();
+        self.meta_dirty = false;
+    }
+
+    /// After a refused or failed batch: the buffered writes stay (nothing is lost;
+    /// a later commit retries them) and the tree is reloaded from the store.
+    pub fn abort_commit(&mut self) {
+        self.tree = None;
+    }
+
+    /// The current metadata, signed afresh by us: what names this file in a
+    /// delete, proving the deleter's authority.
+    pub fn tombstone(&self, ctx: &Ctx) -> FsResult<FileMeta> {
+        let mut body = self.body.clone();
+        body.writecap = ctx
+            .creds
+            .writecap()
+            .cloned()
+            .ok_or_else(|| FsError::ReadOnly("this runtime holds no writecap".into()))?;
+        Ok(FileMeta::sign(body, &RuntimeSigner(ctx.creds.as_ref()))?)
+    }
+
+    /// Metadata-only change (chmod, xattr…): marks the secrets for the next commit.
+    pub fn touch_ctime(&mut self) {
+        self.secrets.ctime = now();
+        self.meta_dirty = true;
+    }
+}
+
+/// The largest file: 2^40 sectors would be the tree's limit; this keeps offsets
+/// within what every layer handles (8 EiB / 2).
+pub const MAX_FILE_SIZE: u64 = 1 << 62;

@@ -1,0 +1,86 @@
+//! A file's Merkle tree as stored: only its leaves, in pieces of
+//! [`MERKLE_PIECE_BYTES`], one engine record each (`SectorKind::Merkle(k)`).
+//!
+//! Interior nodes are recomputed when a tree is loaded (n hashes), so a batch that
+//! changes a few sectors rewrites only the pieces holding their leaves, and a store
+//! that altered a stored leaf is caught by the signed root.
+
+use blocktree_core::hash::HashAlgorithm;
+use blocktree_core::merkle::MerkleTree;
+use blocktree_core::sector::MERKLE_PIECE_BYTES;
+use std::collections::BTreeSet;
+
+/// Leaf digests in one piece for `algorithm`.
+pub fn leaves_per_piece(algorithm: HashAlgorithm) -> u64 {
+    (MERKLE_PIECE_BYTES / algorithm.output_len()) as u64
+}
+
+/// Pieces needed for `sector_count` leaves.
+pub fn piece_count(algorithm: HashAlgorithm, sector_count: u64) -> u64 {
+    sector_count.div_ceil(leaves_per_piece(algorithm))
+}
+
+/// The piece holding leaf `index`.
+pub fn piece_of(algorithm: HashAlgorithm, index: u64) -> u64 {
+    index / leaves_per_piece(algorithm)
+}
+
+/// The stored bytes of piece `piece` of `tree`.
+pub fn piece_bytes(tree: &MerkleTree, piece: u64) -> Vec<u8> {
+    let per = leaves_per_piece(tree.algorithm());
+    tree.leaf_bytes(piece * per, (piece + 1) * per).to_vec()
+}
+
+/// The expected length of piece `piece` of a tree of `sector_count` leaves.
+pub fn expected_piece_len(algorithm: HashAlgorithm, sector_count: u64, piece: u64) -> usize {
+    let per = leaves_per_piece(algorithm);
+    let start = piece * per;
+    let leaves = sector_count.saturating_sub(start).min(per);
+    leaves as usize * algorithm.output_len()
+}
+
+/// The pieces a batch must rewrite: those holding a changed leaf, plus the last
+/// piece when the leaf count changed (it grew or shrank).
+pub fn dirty_pieces(
+    algorithm: HashAlgorithm,
+    changed: impl IntoIterator<Item = u64>,
+    old_count: u64,
+    new_count: u64,
+) -> BTreeSet<u64> {
+    let mut dirty: BTreeSet<u64> = changed
+        .into_iter()
+        .filter(|&index| index < new_count)
+        .map(|index| piece_of(algorithm, index))
+        .collect();
+    if old_count != new_count && new_count > 0 {
+        let first = piece_of(algorithm, old_count.min(new_count).saturating_sub(1));
+        let last = piece_of(algorithm, new_count - 1);
+        dirty.extend(first..=last);
+    }
+    dirty
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_cover_the_leaves_exactly() {
+        let algorithm = HashAlgorithm::Sha256;
+        assert_eq!(leaves_per_piece(algorithm), 128);
+        assert_eq!(piece_count(algorithm, 0), 0);
+        assert_eq!(piece_count(algorithm, 128), 1);
+        assert_eq!(piece_count(algorithm, 129), 2);
+        assert_eq!(expected_piece_len(algorithm, 129, 1), 32);
+        assert_eq!(expected_piece_len(algorithm, 129, 2), 0);
+    }
+
+    #[test]
+    fn growth_dirties_every_new_piece() {
+        let algorithm = HashAlgorithm::Sha256;
+        let dirty = dirty_pieces(algorithm, [], 100, 300);
+        assert_eq!(dirty.into_iter().collect::<Vec<_>>(), vec![0, 1, 2]);
+        let dirty = dirty_pieces(algorithm, [5], 300, 130);
+        assert_eq!(dirty.into_iter().collect::<Vec<_>>(), vec![0, 1]);
+    }
+}
