@@ -15,6 +15,7 @@ use blocktree_core::readcap::FileIds;
 use blocktree_core::sector::{SectorId, SectorKind, SectorOpener, SectorSealer};
 use blocktree_core::time::Timestamp;
 use blocktree_core::writecap::RevocationList;
+use blocktree_raftlog::pieces::parallel_map;
 use blocktree_raftlog::{FileWrite, ReadAccess, SectorService};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -346,10 +347,16 @@ impl NodeState {
         self.ensure_tree(ctx)?;
         let access = self.access(ctx);
         let records = ctx.service.read_data(self.ino, &missing, access.as_ref())?;
+        let pairs: Vec<(u64, Option<Vec<u8>>)> = missing.iter().copied().zip(records).collect();
+        let this = &*self;
+        let opened = parallel_map(&pairs, pairs.len() * size, |(index, record)| {
+            this.verify_and_open(ctx, *index, record.as_deref())
+                .map(|plaintext| (*index, plaintext))
+        });
         let mut fetched = HashMap::with_capacity(missing.len());
-        for (index, record) in missing.iter().zip(records) {
-            let plaintext = self.verify_and_open(ctx, *index, record.as_deref())?;
-            fetched.insert(*index, plaintext);
+        for result in opened {
+            let (index, plaintext) = result?;
+            fetched.insert(index, plaintext);
         }
         if self.cache.len() + fetched.len() > CACHED_SECTORS {
             self.cache.clear();
@@ -581,28 +588,44 @@ impl NodeState {
             .ok_or_else(|| FsError::ReadOnly("this runtime holds no writecap".into()))?;
         let sector = self.sector_size();
         let sector_count = self.secrets.size.div_ceil(sector);
-        let mut data = Vec::with_capacity(self.dirty.len());
-        for (index, plaintext) in self.dirty.range(..sector_count) {
-            let id = self.sector_id(ctx, SectorKind::Data(*index));
-            let record = match &self.keys {
-                Some(keys) => keys.sealer.seal_to_vec(&id, plaintext)?,
-                None => plaintext.clone(),
+        let dirty: Vec<(u64, &Vec<u8>)> = self
+            .dirty
+            .range(..sector_count)
+            .map(|(index, plaintext)| (*index, plaintext))
+            .collect();
+        let generation = ctx.generation();
+        let ino = self.ino;
+        let keys = self.keys.as_ref();
+        let algorithm = self.body.hash_algorithm;
+        // Sealing and leaf hashing, the CPU-bound part of a batch, on every core.
+        let sealed = parallel_map(&dirty, self.dirty_bytes, |(index, plaintext)| {
+            let id = SectorId {
+                generation,
+                inode: ino,
+                sector: SectorKind::Data(*index),
             };
-            data.push((*index, record));
+            let record = match keys {
+                Some(keys) => keys.sealer.seal_to_vec(&id, plaintext)?,
+                None => plaintext.to_vec(),
+            };
+            let leaf = MerkleTree::leaf_hash(algorithm, &record);
+            Ok::<_, FsError>((*index, record, leaf))
+        });
+        let mut data = Vec::with_capacity(sealed.len());
+        let mut leaves = Vec::with_capacity(sealed.len() + self.holes.len() + 1);
+        for result in sealed {
+            let (index, record, leaf) = result?;
+            leaves.push((index, leaf));
+            data.push((index, record));
         }
         let holes: Vec<u64> = self.holes.range(..sector_count).copied().collect();
         let tree = self
             .tree
             .as_mut()
             .ok_or_else(|| FsError::Io("tree not loaded".into()))?;
-        let algorithm = tree.algorithm();
         tree.truncate(sector_count);
         let hole = MerkleTree::leaf_hash(algorithm, &[]);
-        let mut leaves: Vec<_> = data
-            .iter()
-            .map(|(index, record)| (*index, MerkleTree::leaf_hash(algorithm, record)))
-            .chain(holes.iter().map(|index| (*index, hole)))
-            .collect();
+        leaves.extend(holes.iter().map(|index| (*index, hole)));
         if sector_count > tree.leaf_count() && !self.dirty.contains_key(&(sector_count - 1)) {
             leaves.push((sector_count - 1, hole));
         }

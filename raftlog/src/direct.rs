@@ -279,7 +279,7 @@ impl DirectService {
     /// sector ids written, for the subscribers.
     fn stage_file(
         &self,
-        write: &FileWrite,
+        write: FileWrite,
         state: &mut FileState,
         engine_batch: &mut WriteBatch,
         now: Timestamp,
@@ -319,7 +319,7 @@ impl DirectService {
             .tree
             .as_mut()
             .ok_or_else(|| ServiceError::Invalid("tree not loaded".into()))?;
-        let dirty = match verify::apply_write(tree, write) {
+        let dirty = match verify::apply_write(tree, &write) {
             Ok(dirty) => dirty,
             Err(error) => {
                 state.tree = None;
@@ -339,14 +339,14 @@ impl DirectService {
         for piece in pieces::piece_count(algorithm, body.sector_count)..old_pieces {
             engine_batch.delete(self.id(inode, SectorKind::Merkle(piece)));
         }
-        for (index, record) in &write.data {
-            let id = self.id(inode, SectorKind::Data(*index));
-            engine_batch.put(id, record.clone());
-            written.push(id);
-        }
         for index in write.holes.iter().chain(&cut) {
             let id = self.id(inode, SectorKind::Data(*index));
             engine_batch.delete(id);
+            written.push(id);
+        }
+        for (index, record) in write.data {
+            let id = self.id(inode, SectorKind::Data(index));
+            engine_batch.put(id, record);
             written.push(id);
         }
         Ok(written)
@@ -506,8 +506,10 @@ impl SectorService for DirectService {
             .clone();
         let mut engine_batch = WriteBatch::new();
         let mut written = Vec::new();
-        let mut staged = || -> Result<(), ServiceError> {
-            for file in &batch.files {
+        let SectorBatch { files, removes } = batch;
+        let metas: Vec<FileMeta> = files.iter().map(|file| file.meta.clone()).collect();
+        let staged = || -> Result<(), ServiceError> {
+            for file in files {
                 let inode = file.meta.body().ids.inode;
                 let state = guards
                     .get_mut(&inode)
@@ -515,7 +517,7 @@ impl SectorService for DirectService {
                 let ids = self.stage_file(file, state, &mut engine_batch, now, &revoked)?;
                 written.push((inode, ids));
             }
-            for tombstone in &batch.removes {
+            for tombstone in &removes {
                 let inode = tombstone.body().ids.inode;
                 verify::verify_meta(
                     tombstone,
@@ -535,17 +537,13 @@ impl SectorService for DirectService {
         let result = staged().and_then(|()| Ok(self.engine.write(engine_batch).wait()?));
         match result {
             Ok(()) => {
-                for file in &batch.files {
-                    let inode = file.meta.body().ids.inode;
+                for meta in metas {
+                    let inode = meta.body().ids.inode;
                     if let Some(state) = guards.get_mut(&inode) {
-                        state.meta = Some(file.meta.clone());
+                        state.meta = Some(meta);
                     }
                 }
-                let removed: Vec<u64> = batch
-                    .removes
-                    .iter()
-                    .map(|meta| meta.body().ids.inode)
-                    .collect();
+                let removed: Vec<u64> = removes.iter().map(|meta| meta.body().ids.inode).collect();
                 for inode in &removed {
                     if let Some(state) = guards.get_mut(inode) {
                         state.meta = None;

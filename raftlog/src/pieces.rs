@@ -84,3 +84,35 @@ mod tests {
         assert_eq!(dirty.into_iter().collect::<Vec<_>>(), vec![0, 1]);
     }
 }
+
+/// Work below this many bytes stays on the calling thread.
+const PARALLEL_BYTES: usize = 256 * 1024;
+
+/// Maps `items` with `work` on up to one thread per core, in order. Sector
+/// hashing and sealing are CPU-bound and batches are large; small batches stay on
+/// the caller, where spawning would cost more than it saves.
+pub fn parallel_map<T: Sync, R: Send>(
+    items: &[T],
+    bytes: usize,
+    work: impl Fn(&T) -> R + Sync,
+) -> Vec<R> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads < 2 || bytes < PARALLEL_BYTES || items.len() < 2 {
+        return items.iter().map(&work).collect();
+    }
+    let chunk = items.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let work = &work;
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|part| scope.spawn(move || part.iter().map(work).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|handle| match handle.join() {
+                Ok(results) => results,
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    })
+}

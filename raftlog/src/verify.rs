@@ -147,12 +147,11 @@ pub fn apply_write(
     }
     tree.truncate(new_count);
     let hole = MerkleTree::leaf_hash(algorithm, &[]);
-    let mut leaves: Vec<(u64, _)> = write
-        .data
-        .iter()
-        .map(|(index, record)| (*index, MerkleTree::leaf_hash(algorithm, record)))
-        .chain(write.holes.iter().map(|index| (*index, hole)))
-        .collect();
+    let bytes = write.data.len() * expected_len;
+    let mut leaves: Vec<(u64, _)> = pieces::parallel_map(&write.data, bytes, |(index, record)| {
+        (*index, MerkleTree::leaf_hash(algorithm, record))
+    });
+    leaves.extend(write.holes.iter().map(|index| (*index, hole)));
     if new_count > tree.leaf_count() && !seen.contains(&(new_count - 1)) {
         // Growth without a record for the new last sector: the gap is holes.
         leaves.push((new_count - 1, hole));
