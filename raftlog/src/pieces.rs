@@ -60,31 +60,6 @@ pub fn dirty_pieces(
     dirty
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pieces_cover_the_leaves_exactly() {
-        let algorithm = HashAlgorithm::Sha256;
-        assert_eq!(leaves_per_piece(algorithm), 128);
-        assert_eq!(piece_count(algorithm, 0), 0);
-        assert_eq!(piece_count(algorithm, 128), 1);
-        assert_eq!(piece_count(algorithm, 129), 2);
-        assert_eq!(expected_piece_len(algorithm, 129, 1), 32);
-        assert_eq!(expected_piece_len(algorithm, 129, 2), 0);
-    }
-
-    #[test]
-    fn growth_dirties_every_new_piece() {
-        let algorithm = HashAlgorithm::Sha256;
-        let dirty = dirty_pieces(algorithm, [], 100, 300);
-        assert_eq!(dirty.into_iter().collect::<Vec<_>>(), vec![0, 1, 2]);
-        let dirty = dirty_pieces(algorithm, [5], 300, 130);
-        assert_eq!(dirty.into_iter().collect::<Vec<_>>(), vec![0, 1]);
-    }
-}
-
 /// Work below this many bytes stays on the calling thread.
 const PARALLEL_BYTES: usize = 256 * 1024;
 
@@ -115,4 +90,29 @@ pub fn parallel_map<T: Sync, R: Send>(
             })
             .collect()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pieces_cover_the_leaves_exactly() {
+        let algorithm = HashAlgorithm::Sha256;
+        assert_eq!(leaves_per_piece(algorithm), 128);
+        assert_eq!(piece_count(algorithm, 0), 0);
+        assert_eq!(piece_count(algorithm, 128), 1);
+        assert_eq!(piece_count(algorithm, 129), 2);
+        assert_eq!(expected_piece_len(algorithm, 129, 1), 32);
+        assert_eq!(expected_piece_len(algorithm, 129, 2), 0);
+    }
+
+    #[test]
+    fn growth_dirties_every_new_piece() {
+        let algorithm = HashAlgorithm::Sha256;
+        let dirty = dirty_pieces(algorithm, [], 100, 300);
+        assert_eq!(dirty.into_iter().collect::<Vec<_>>(), vec![0, 1, 2]);
+        let dirty = dirty_pieces(algorithm, [5], 300, 130);
+        assert_eq!(dirty.into_iter().collect::<Vec<_>>(), vec![0, 1]);
+    }
 }
