@@ -1473,6 +1473,33 @@ impl FileSystem {
         Ok(())
     }
 
+    /// The allocation of `ino` over `offset..offset + length` (clipped to the
+    /// file): runs of `(length, is_hole)` in sector granularity, for NBD
+    /// `BLOCK_STATUS` and `SEEK_HOLE`. Holes read as zeros.
+    pub fn allocation(&self, ino: u64, offset: u64, length: u64) -> FsResult<Vec<(u64, bool)>> {
+        let node_ref = self.node(ino)?;
+        let mut node = lock(&node_ref);
+        let size = node.secrets.size;
+        let end = offset.saturating_add(length).min(size);
+        if offset >= end {
+            return Ok(Vec::new());
+        }
+        let sector = node.sector_size();
+        let first = offset / sector;
+        let last = (end - 1) / sector;
+        let holes = node.holes_from(&self.ctx, first, last - first + 1)?;
+        let mut runs: Vec<(u64, bool)> = Vec::new();
+        for (index, hole) in (first..=last).zip(holes) {
+            let start = (index * sector).max(offset);
+            let stop = ((index + 1) * sector).min(end);
+            match runs.last_mut() {
+                Some((len, last_hole)) if *last_hole == hole => *len += stop - start,
+                _ => runs.push((stop - start, hole)),
+            }
+        }
+        Ok(runs)
+    }
+
     // ----- extended attributes -----
 
     fn check_xattr_name(

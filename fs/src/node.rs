@@ -528,6 +528,29 @@ impl NodeState {
         Ok(())
     }
 
+    /// Whether each sector from `first` (up to `count` of them) is a hole: never
+    /// written, punched, or past the end. Buffered writes count as data.
+    pub fn holes_from(&mut self, ctx: &Ctx, first: u64, count: u64) -> FsResult<Vec<bool>> {
+        self.ensure_tree(ctx)?;
+        let tree = self
+            .tree
+            .as_ref()
+            .ok_or_else(|| FsError::Io("tree not loaded".into()))?;
+        let hole = MerkleTree::leaf_hash(tree.algorithm(), &[]);
+        let stored = self.body.sector_count;
+        Ok((first..first.saturating_add(count))
+            .map(|index| {
+                if self.dirty.contains_key(&index) {
+                    false
+                } else if self.holes.contains(&index) || index >= stored {
+                    true
+                } else {
+                    tree.leaf(index) == Some(hole)
+                }
+            })
+            .collect())
+    }
+
     /// Makes `offset..offset + len` read as zeros: whole sectors become holes.
     pub fn punch(&mut self, ctx: &Ctx, offset: u64, len: u64) -> FsResult<()> {
         let end = offset.saturating_add(len).min(self.secrets.size);

@@ -341,3 +341,31 @@ fn read_only_mounts_refuse_changes() {
         Err(FsError::ReadOnly(_))
     ));
 }
+
+#[test]
+fn allocation_reports_holes_and_data() {
+    let domain = Domain::new();
+    let fs = domain.mount(FsConfig::default());
+    let (attr, fh) = fs
+        .create(&root(), R, b"sparse", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    fs.write(fh, 4096, &[1u8; 4096]).unwrap();
+    fs.write(fh, 5 * 4096, &[2u8; 100]).unwrap();
+    let check = |fs: &FileSystem| {
+        assert_eq!(
+            fs.allocation(attr.ino, 0, 1 << 20).unwrap(),
+            vec![(4096, true), (4096, false), (3 * 4096, true), (100, false)]
+        );
+    };
+    check(&fs);
+    fs.flush(fh).unwrap();
+    check(&fs);
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    fs.fallocate(&root(), attr.ino, 4096, 4096, punch).unwrap();
+    fs.flush(fh).unwrap();
+    assert_eq!(
+        fs.allocation(attr.ino, 0, 1 << 20).unwrap(),
+        vec![(5 * 4096, true), (100, false)]
+    );
+    assert_eq!(fs.read(fh, 4096, 4096).unwrap(), vec![0u8; 4096]);
+}
