@@ -1311,9 +1311,12 @@ impl FileSystem {
 
     /// Reads up to `size` bytes at `offset`.
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
-        let (node, _, _) = self.handle(fh)?;
-        let mut node = lock(&node);
-        node.read(&self.ctx, offset, u64::from(size))
+        let (node_ref, _, _) = self.handle(fh)?;
+        // The records are fetched and verified without the node's lock, so reads
+        // of one file (NBD queues, FUSE readahead) proceed in parallel.
+        let plan = lock(&node_ref).plan_read(&self.ctx, offset, u64::from(size))?;
+        let fetched = plan.sectors.fetch(&self.ctx)?;
+        Ok(lock(&node_ref).finish_read(plan, fetched))
     }
 
     /// Writes `data` at `offset` (at the end for `O_APPEND`); returns the count.

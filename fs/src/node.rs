@@ -9,6 +9,7 @@ use crate::dir::Directory;
 use crate::error::{FsError, FsResult};
 use blocktree_core::aead::SymmetricKey;
 use blocktree_core::credstore::{CredStore, RuntimeSigner};
+use blocktree_core::hash::{Digest, HashAlgorithm};
 use blocktree_core::merkle::MerkleTree;
 use blocktree_core::metadata::{FileMeta, MetaBody, MetaSecrets};
 use blocktree_core::readcap::FileIds;
@@ -63,7 +64,7 @@ pub(crate) struct NodeKeys {
     pub file_key: SymmetricKey,
     epoch_keys: BTreeMap<u32, SymmetricKey>,
     sealer: SectorSealer,
-    opener: SectorOpener,
+    opener: Arc<SectorOpener>,
 }
 
 /// How a node was reached, to open its key without a readcap of its own.
@@ -95,6 +96,9 @@ pub(crate) struct NodeState {
     pub dir: Option<Directory>,
     /// File handles open on this node.
     pub handles: u32,
+    /// Bumped by every change of the contents, so a read that fetched sectors
+    /// without the lock does not cache what a concurrent write replaced.
+    version: u64,
 }
 
 fn ids(ctx: &Ctx, ino: u64) -> FileIds {
@@ -125,7 +129,7 @@ impl NodeKeys {
             file_key,
             epoch_keys,
             sealer,
-            opener,
+            opener: Arc::new(opener),
         })
     }
 
@@ -161,6 +165,7 @@ impl NodeState {
             cache: HashMap::new(),
             dir: is_dir.then(Directory::new),
             handles: 0,
+            version: 0,
         }
     }
 
@@ -222,6 +227,7 @@ impl NodeState {
             cache: HashMap::new(),
             dir: None,
             handles: 0,
+            version: 0,
         };
         if is_dir {
             let count = node.body.sector_count;
@@ -317,125 +323,141 @@ impl NodeState {
     }
 
     /// The plaintext of sectors `indices` (each `sector_size` bytes; zeros for holes
-    /// and sectors past the end), verified against the signed Merkle root.
+    /// and sectors past the end), verified against the signed Merkle root, with
+    /// the node locked throughout.
     pub fn read_sectors(&mut self, ctx: &Ctx, indices: &[u64]) -> FsResult<Vec<Vec<u8>>> {
+        let plan = self.plan_sectors(ctx, indices)?;
+        let fetched = plan.fetch(ctx)?;
+        Ok(self.finish_sectors(plan, fetched))
+    }
+
+    /// What reading `indices` needs: the sectors at hand (buffered, cached, holes)
+    /// and, for the others, the leaf each record must hash to. Fetching the rest
+    /// ([`SectorFetch::fetch`]) needs no lock on the node.
+    pub fn plan_sectors(&mut self, ctx: &Ctx, indices: &[u64]) -> FsResult<SectorFetch> {
         let size = self.sector_size() as usize;
         let count = self.body.sector_count;
         let lifetime = self.cache_lifetime();
-        let mut out: Vec<Option<Vec<u8>>> = Vec::with_capacity(indices.len());
+        let mut have: Vec<Option<Vec<u8>>> = Vec::with_capacity(indices.len());
         let mut missing = Vec::new();
         for &index in indices {
             if let Some(plaintext) = self.dirty.get(&index) {
-                out.push(Some(plaintext.clone()));
+                have.push(Some(plaintext.clone()));
             } else if self.holes.contains(&index) || index >= count {
-                out.push(Some(vec![0u8; size]));
+                have.push(Some(vec![0u8; size]));
             } else {
                 match self.cache.get(&index) {
                     Some((at, plaintext)) if at.elapsed() <= lifetime => {
-                        out.push(Some(plaintext.clone()));
+                        have.push(Some(plaintext.clone()));
                     }
                     _ => {
-                        out.push(None);
+                        have.push(None);
                         missing.push(index);
                     }
                 }
             }
         }
-        if missing.is_empty() {
-            return Ok(out.into_iter().flatten().collect());
+        let mut leaves = Vec::with_capacity(missing.len());
+        if !missing.is_empty() {
+            self.ensure_tree(ctx)?;
+            let tree = self
+                .tree
+                .as_ref()
+                .ok_or_else(|| FsError::Io("tree not loaded".into()))?;
+            for &index in &missing {
+                let id = self.sector_id(ctx, SectorKind::Data(index));
+                let leaf = tree
+                    .leaf(index)
+                    .ok_or_else(|| FsError::tampered(id, "no leaf for the sector"))?;
+                leaves.push((index, leaf));
+            }
         }
-        self.ensure_tree(ctx)?;
-        let access = self.access(ctx);
-        let records = ctx.service.read_data(self.ino, &missing, access.as_ref())?;
-        let pairs: Vec<(u64, Option<Vec<u8>>)> = missing.iter().copied().zip(records).collect();
-        let this = &*self;
-        let opened = parallel_map(&pairs, pairs.len() * size, |(index, record)| {
-            this.verify_and_open(ctx, *index, record.as_deref())
-                .map(|plaintext| (*index, plaintext))
-        });
-        let mut fetched = HashMap::with_capacity(missing.len());
-        for result in opened {
-            let (index, plaintext) = result?;
-            fetched.insert(index, plaintext);
-        }
-        if self.cache.len() + fetched.len() > CACHED_SECTORS {
+        Ok(SectorFetch {
+            ino: self.ino,
+            generation: ctx.generation(),
+            sector_size: size,
+            algorithm: self.body.hash_algorithm,
+            have,
+            leaves,
+            access: self.access(ctx),
+            opener: self.keys.as_ref().map(|keys| keys.opener.clone()),
+            version: self.version,
+        })
+    }
+
+    /// Assembles the sectors of `plan` and keeps the fetched ones in the cache,
+    /// unless the file changed since the plan was made.
+    pub fn finish_sectors(&mut self, plan: SectorFetch, fetched: Vec<Vec<u8>>) -> Vec<Vec<u8>> {
+        let unchanged = plan.version == self.version;
+        if unchanged && self.cache.len() + fetched.len() > CACHED_SECTORS {
             self.cache.clear();
         }
         let now = Instant::now();
-        let mut result = Vec::with_capacity(indices.len());
-        for (slot, index) in out.into_iter().zip(indices) {
-            match slot {
-                Some(plaintext) => result.push(plaintext),
-                None => {
-                    let plaintext = fetched
-                        .get(index)
-                        .cloned()
-                        .ok_or_else(|| FsError::Io("sector fetched twice".into()))?;
-                    if fetched.len() <= CACHED_SECTORS {
-                        self.cache.insert(*index, (now, plaintext.clone()));
+        let mut fetched = plan.leaves.iter().map(|(index, _)| *index).zip(fetched);
+        plan.have
+            .into_iter()
+            .map(|slot| match slot {
+                Some(plaintext) => plaintext,
+                None => match fetched.next() {
+                    Some((index, plaintext)) => {
+                        if unchanged && self.cache.len() < CACHED_SECTORS {
+                            self.cache.insert(index, (now, plaintext.clone()));
+                        }
+                        plaintext
                     }
-                    result.push(plaintext);
-                }
-            }
-        }
-        Ok(result)
+                    None => Vec::new(),
+                },
+            })
+            .collect()
     }
 
-    /// Checks a stored record against its leaf, then decrypts it.
-    fn verify_and_open(&self, ctx: &Ctx, index: u64, record: Option<&[u8]>) -> FsResult<Vec<u8>> {
-        let id = self.sector_id(ctx, SectorKind::Data(index));
-        let tree = self
-            .tree
-            .as_ref()
-            .ok_or_else(|| FsError::Io("tree not loaded".into()))?;
-        let algorithm = tree.algorithm();
-        let leaf = tree
-            .leaf(index)
-            .ok_or_else(|| FsError::tampered(id, "no leaf for the sector"))?;
-        let size = self.sector_size() as usize;
-        let record = record.unwrap_or(&[]);
-        if MerkleTree::leaf_hash(algorithm, record) != leaf {
-            return Err(FsError::tampered(
-                id,
-                "its hash is not the signed Merkle leaf",
-            ));
-        }
-        if record.is_empty() {
-            return Ok(vec![0u8; size]);
-        }
-        let plaintext = match &self.keys {
-            Some(keys) => keys
-                .opener
-                .open_to_vec(&id, record)
-                .map_err(|error| FsError::tampered(id, error))?,
-            None => record.to_vec(),
-        };
-        if plaintext.len() != size {
-            return Err(FsError::tampered(id, "wrong length"));
-        }
-        Ok(plaintext)
-    }
-
-    /// Reads up to `len` bytes at `offset`, stopping at the end of the file.
+    /// Reads up to `len` bytes at `offset`, stopping at the end of the file, with
+    /// the node locked throughout.
     pub fn read(&mut self, ctx: &Ctx, offset: u64, len: u64) -> FsResult<Vec<u8>> {
+        let plan = self.plan_read(ctx, offset, len)?;
+        let fetched = plan.sectors.fetch(ctx)?;
+        Ok(self.finish_read(plan, fetched))
+    }
+
+    /// The first half of a read: what is at hand and what to fetch.
+    pub fn plan_read(&mut self, ctx: &Ctx, offset: u64, len: u64) -> FsResult<ReadPlan> {
         let size = self.secrets.size;
-        if offset >= size || len == 0 {
-            return Ok(Vec::new());
-        }
         let end = size.min(offset.saturating_add(len));
         let sector = self.sector_size();
-        let first = offset / sector;
-        let last = (end - 1) / sector;
-        let indices: Vec<u64> = (first..=last).collect();
-        let sectors = self.read_sectors(ctx, &indices)?;
+        let indices: Vec<u64> = if offset >= end {
+            Vec::new()
+        } else {
+            (offset / sector..=(end - 1) / sector).collect()
+        };
+        let sectors = self.plan_sectors(ctx, &indices)?;
+        Ok(ReadPlan {
+            sectors,
+            first: indices.first().copied().unwrap_or(0),
+            offset,
+            end: end.max(offset),
+        })
+    }
+
+    /// The second half: the bytes of `plan`, with the fetched sectors.
+    pub fn finish_read(&mut self, plan: ReadPlan, fetched: Vec<Vec<u8>>) -> Vec<u8> {
+        let sector = self.sector_size();
+        let ReadPlan {
+            sectors,
+            first,
+            offset,
+            end,
+        } = plan;
+        let plaintexts = self.finish_sectors(sectors, fetched);
         let mut out = Vec::with_capacity((end - offset) as usize);
-        for (index, plaintext) in indices.iter().zip(sectors) {
+        for (index, plaintext) in (first..).zip(plaintexts) {
             let start = index * sector;
-            let from = offset.max(start) - start;
-            let to = end.min(start + sector) - start;
-            out.extend_from_slice(&plaintext[from as usize..to as usize]);
+            let from = (offset.max(start) - start) as usize;
+            let to = (end.min(start + sector) - start) as usize;
+            if let Some(bytes) = plaintext.get(from..to) {
+                out.extend_from_slice(bytes);
+            }
         }
-        Ok(out)
+        out
     }
 
     /// Writes `data` at `offset` into whole-sector buffers; commits later.
@@ -485,6 +507,7 @@ impl NodeState {
         if end > self.secrets.size {
             self.secrets.size = end;
         }
+        self.version += 1;
         let time = now();
         self.secrets.mtime = time;
         self.secrets.ctime = time;
@@ -521,6 +544,7 @@ impl NodeState {
             }
         }
         self.secrets.size = size;
+        self.version += 1;
         let time = now();
         self.secrets.mtime = time;
         self.secrets.ctime = time;
@@ -567,6 +591,7 @@ impl NodeState {
             self.cache.remove(&index);
             self.holes.insert(index);
         }
+        self.version += 1;
         let size = self.secrets.size;
         let head_end = end.min(first_whole * sector);
         if offset < head_end {
@@ -689,6 +714,7 @@ impl NodeState {
     /// a later commit retries them) and the tree is reloaded from the store.
     pub fn abort_commit(&mut self) {
         self.tree = None;
+        self.version += 1;
     }
 
     /// The current metadata, signed afresh by us: what names this file in a
@@ -713,3 +739,82 @@ impl NodeState {
 /// The largest file: 2^40 sectors would be the tree's limit; this keeps offsets
 /// within what every layer handles (8 EiB / 2).
 pub const MAX_FILE_SIZE: u64 = 1 << 62;
+
+/// A read of a byte range in flight: its sectors and where the bytes lie.
+pub(crate) struct ReadPlan {
+    /// The sectors to assemble and fetch.
+    pub sectors: SectorFetch,
+    first: u64,
+    offset: u64,
+    end: u64,
+}
+
+/// A read in flight without the node's lock: the records to fetch and the leaves
+/// they must hash to (from the tree the signed root vouches for).
+pub(crate) struct SectorFetch {
+    ino: u64,
+    generation: u64,
+    sector_size: usize,
+    algorithm: HashAlgorithm,
+    have: Vec<Option<Vec<u8>>>,
+    leaves: Vec<(u64, Digest)>,
+    access: Option<ReadAccess>,
+    opener: Option<Arc<SectorOpener>>,
+    version: u64,
+}
+
+impl SectorFetch {
+    /// Fetches the missing records, checks each against its leaf and decrypts it,
+    /// on every core for large reads. A record that fails is EIO, never data.
+    pub fn fetch(&self, ctx: &Ctx) -> FsResult<Vec<Vec<u8>>> {
+        if self.leaves.is_empty() {
+            return Ok(Vec::new());
+        }
+        let indices: Vec<u64> = self.leaves.iter().map(|(index, _)| *index).collect();
+        let records = ctx
+            .service
+            .read_data(self.ino, &indices, self.access.as_ref())?;
+        let pairs: Vec<((u64, Digest), Option<Vec<u8>>)> =
+            self.leaves.iter().copied().zip(records).collect();
+        parallel_map(
+            &pairs,
+            pairs.len() * self.sector_size,
+            |((index, leaf), record)| self.verify_and_open(*index, leaf, record.as_deref()),
+        )
+        .into_iter()
+        .collect()
+    }
+
+    fn verify_and_open(
+        &self,
+        index: u64,
+        leaf: &Digest,
+        record: Option<&[u8]>,
+    ) -> FsResult<Vec<u8>> {
+        let id = SectorId {
+            generation: self.generation,
+            inode: self.ino,
+            sector: SectorKind::Data(index),
+        };
+        let record = record.unwrap_or(&[]);
+        if MerkleTree::leaf_hash(self.algorithm, record) != *leaf {
+            return Err(FsError::tampered(
+                id,
+                "its hash is not the signed Merkle leaf",
+            ));
+        }
+        if record.is_empty() {
+            return Ok(vec![0u8; self.sector_size]);
+        }
+        let plaintext = match &self.opener {
+            Some(opener) => opener
+                .open_to_vec(&id, record)
+                .map_err(|error| FsError::tampered(id, error))?,
+            None => record.to_vec(),
+        };
+        if plaintext.len() != self.sector_size {
+            return Err(FsError::tampered(id, "wrong length"));
+        }
+        Ok(plaintext)
+    }
+}

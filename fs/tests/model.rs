@@ -97,6 +97,8 @@ fn run(domain: &Domain, sector_size: u32, encrypted: bool, ops: &[Op]) {
                 fs.sync_all().unwrap();
                 drop(fs);
                 fs = domain.mount(config.clone());
+                // As the kernel does after a mount: look the file up first.
+                assert_eq!(fs.resolve(&root(), &format!("/{name}")).unwrap(), ino);
                 fh = fs.open(&root(), ino, libc::O_RDWR).unwrap();
             }
         }
