@@ -740,6 +740,9 @@ impl NodeState {
 /// within what every layer handles (8 EiB / 2).
 pub const MAX_FILE_SIZE: u64 = 1 << 62;
 
+/// A data sector's index and the leaf its record must hash to.
+type LeafOf = (u64, Digest);
+
 /// A read of a byte range in flight: its sectors and where the bytes lie.
 pub(crate) struct ReadPlan {
     /// The sectors to assemble and fetch.
@@ -757,7 +760,7 @@ pub(crate) struct SectorFetch {
     sector_size: usize,
     algorithm: HashAlgorithm,
     have: Vec<Option<Vec<u8>>>,
-    leaves: Vec<(u64, Digest)>,
+    leaves: Vec<LeafOf>,
     access: Option<ReadAccess>,
     opener: Option<Arc<SectorOpener>>,
     version: u64,
@@ -774,7 +777,7 @@ impl SectorFetch {
         let records = ctx
             .service
             .read_data(self.ino, &indices, self.access.as_ref())?;
-        let pairs: Vec<((u64, Digest), Option<Vec<u8>>)> =
+        let pairs: Vec<(LeafOf, Option<Vec<u8>>)> =
             self.leaves.iter().copied().zip(records).collect();
         parallel_map(
             &pairs,
