@@ -42,14 +42,16 @@ pub struct GenerationInfo {
 }
 
 impl GenerationInfo {
-    fn encode(&self) -> String {
+    /// The text of the generation file.
+    pub fn encode(&self) -> String {
         format!(
             "generation {}\ndirectory {}\n",
             self.generation, self.directory
         )
     }
 
-    fn decode(text: &str) -> Result<GenerationInfo, String> {
+    /// Parses the generation file; anything but exactly its two lines is an error.
+    pub fn decode(text: &str) -> Result<GenerationInfo, String> {
         let mut generation = None;
         let mut directory = None;
         for line in text.lines() {
