@@ -245,6 +245,27 @@ impl FileMeta {
             .map_err(|_| MetaError::BadSignature)
     }
 
+    /// [`FileMeta::verify`] for metadata whose writecap chain is byte-identical to
+    /// one whose certificate signatures were verified before: everything else,
+    /// the metadata's own signature included, is checked.
+    pub fn verify_known_chain(
+        &self,
+        directory: &BtPath,
+        now: Timestamp,
+        revoked: &RevocationList,
+    ) -> Result<(), MetaError> {
+        self.body.writecap.validate_for_known_signatures(
+            &self.body.writer.principal(),
+            directory,
+            now,
+            revoked,
+        )?;
+        self.body
+            .writer
+            .verify(&signed_bytes(&self.body), &self.signature)
+            .map_err(|_| MetaError::BadSignature)
+    }
+
     /// The signed fields. Trust them only after [`FileMeta::verify`].
     pub fn body(&self) -> &MetaBody {
         &self.body

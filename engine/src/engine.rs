@@ -246,16 +246,26 @@ impl Engine {
     /// Hands out the next free inode, durably (the superblock is rewritten before
     /// the inode is returned, so no inode is ever handed out twice).
     pub fn allocate_inode(&self) -> Result<u64, EngineError> {
+        Ok(self.allocate_inodes(1)?.start)
+    }
+
+    /// Reserves `count` fresh inode numbers with one durable superblock write, for
+    /// callers that hand them out one by one (a crash loses the unused rest of
+    /// the range; no number is ever handed out twice).
+    pub fn allocate_inodes(&self, count: u64) -> Result<std::ops::Range<u64>, EngineError> {
         let mut guard = match self.inner.superblock.lock() {
             Ok(guard) => guard,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let inode = guard.next_inode;
+        let first = guard.next_inode;
+        let end = first
+            .checked_add(count.max(1))
+            .ok_or_else(|| EngineError::Config("inode numbers exhausted".into()))?;
         let mut next = guard.clone();
-        next.next_inode = inode + 1;
+        next.next_inode = end;
         next.store(&self.inner.dir)?;
         *guard = next;
-        Ok(inode)
+        Ok(first..end)
     }
 
     fn route(&self, id: &SectorId) -> (Key, usize) {

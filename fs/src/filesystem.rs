@@ -24,6 +24,7 @@ use blocktree_core::merkle::MerkleTree;
 use blocktree_core::metadata::{KeyState, MetaBody, MetaSecrets, SecretsPart};
 use blocktree_core::readcap::{EpochKeyTable, FileIds, ParentTable, ReadcapTable, SALT_LEN};
 use blocktree_core::sector::SectorId;
+use blocktree_core::time::Timestamp;
 use blocktree_core::writecap::RevocationList;
 use blocktree_raftlog::{FileWrite, SectorBatch, SectorService};
 use crossbeam_channel::Receiver;
@@ -79,6 +80,8 @@ struct Handle {
 /// The filesystem service over one generation's sector service.
 pub struct FileSystem {
     ctx: Ctx,
+    /// Until when this runtime may write, or why it may not.
+    write_access: Result<Timestamp, String>,
     config: FsConfig,
     nodes: Mutex<HashMap<u64, NodeRef>>,
     /// A directory each inode was last reached through: how an evicted node finds
@@ -125,12 +128,14 @@ impl FileSystem {
         creds: Arc<dyn CredStore>,
         config: FsConfig,
     ) -> FsResult<FileSystem> {
+        let ctx = Ctx {
+            service,
+            creds,
+            revoked: RevocationList::new(),
+        };
         let fs = FileSystem {
-            ctx: Ctx {
-                service,
-                creds,
-                revoked: RevocationList::new(),
-            },
+            write_access: Self::write_access(&ctx),
+            ctx,
             config,
             nodes: Mutex::new(HashMap::new()),
             parents: Mutex::new(HashMap::new()),
@@ -269,11 +274,44 @@ impl FileSystem {
         if self.config.read_only {
             return Err(FsError::ReadOnly("mounted read-only".into()));
         }
+        match &self.write_access {
+            Err(why) => return Err(FsError::ReadOnly(why.clone())),
+            Ok(expires) if Timestamp::now() >= *expires => {
+                return Err(FsError::ReadOnly(format!(
+                    "this runtime's writecap expired at {expires}"
+                )));
+            }
+            Ok(_) => {}
+        }
         self.ctx
             .creds
             .writecap()
             .cloned()
             .ok_or_else(|| FsError::ReadOnly("this runtime holds no writecap".into()))
+    }
+
+    /// Whether this runtime may write the generation: its writecap must cover the
+    /// generation's directory. Decided once, so a refused change fails at once
+    /// with EROFS instead of at the next commit.
+    fn write_access(ctx: &Ctx) -> Result<Timestamp, String> {
+        let writecap = ctx
+            .creds
+            .writecap()
+            .ok_or_else(|| "this runtime holds no writecap".to_string())?;
+        let directory = ctx.service.directory();
+        writecap
+            .validate_for(
+                &ctx.creds.principal(),
+                directory,
+                Timestamp::now(),
+                &ctx.revoked,
+            )
+            .map_err(|error| {
+                format!("this runtime's writecap does not allow writing {directory}: {error}")
+            })?;
+        writecap
+            .expires()
+            .ok_or_else(|| "this runtime's writecap is empty".to_string())
     }
 
     fn check_writable(&self) -> FsResult<()> {

@@ -19,7 +19,7 @@ use blocktree_core::writecap::RevocationList;
 use blocktree_core::{BtPath, PrincipalId};
 use blocktree_engine::{Engine, EngineConfig, EngineError, Pending, WriteBatch};
 use crossbeam_channel::{Receiver, Sender, TrySendError};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -27,6 +27,10 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 const CACHED_FILES: usize = 4096;
 /// Messages a subscriber may have unread before it is disconnected.
 const SUBSCRIBER_BACKLOG: usize = 1 << 16;
+/// Inode numbers reserved per superblock write.
+const INODE_RESERVATION: u64 = 1024;
+/// Distinct verified writecap chains remembered.
+const VERIFIED_CHAINS: usize = 1024;
 /// Name of the file that records the generation and its directory.
 const INFO_FILE: &str = "generation";
 /// Name of the engine's directory.
@@ -92,6 +96,12 @@ pub struct DirectService {
     revoked: RwLock<RevocationList>,
     files: Mutex<HashMap<u64, Arc<Mutex<FileState>>>>,
     subscribers: Mutex<HashMap<u64, Vec<Sender<SectorId>>>>,
+    /// Inode numbers reserved in the superblock and not yet handed out.
+    inodes: Mutex<std::ops::Range<u64>>,
+    /// Writecap chains whose signatures verified, by their encoding: a writer
+    /// signs many batches under one writecap, and its chain's signatures need
+    /// checking once. Expiry, revocation and the subject are checked every time.
+    verified_chains: Mutex<HashSet<Vec<u8>>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -166,6 +176,8 @@ impl DirectService {
             revoked: RwLock::new(RevocationList::new()),
             files: Mutex::new(HashMap::new()),
             subscribers: Mutex::new(HashMap::new()),
+            inodes: Mutex::new(0..0),
+            verified_chains: Mutex::new(HashSet::new()),
         }
     }
 
@@ -277,6 +289,34 @@ impl DirectService {
             .ok_or_else(|| ServiceError::Invalid("tree not loaded".into()))
     }
 
+    /// Verifies `meta` (steps 1 and 2), checking the signatures of a writecap
+    /// chain only the first time the service sees it.
+    fn verify_meta(
+        &self,
+        meta: &FileMeta,
+        now: Timestamp,
+        revoked: &RevocationList,
+    ) -> Result<(), ServiceError> {
+        let chain = encoding::encode(&meta.body().writecap);
+        let known = lock(&self.verified_chains).contains(&chain);
+        let directory = &self.info.directory;
+        verify::verify_meta_with(meta, self.info.generation, |meta| {
+            if known {
+                meta.verify_known_chain(directory, now, revoked)
+            } else {
+                meta.verify(directory, now, revoked)
+            }
+        })?;
+        if !known {
+            let mut chains = lock(&self.verified_chains);
+            if chains.len() >= VERIFIED_CHAINS {
+                chains.clear();
+            }
+            chains.insert(chain);
+        }
+        Ok(())
+    }
+
     /// Adds one file's new state to `engine_batch` after verifying it; returns the
     /// sector ids written, for the subscribers.
     fn stage_file(
@@ -289,13 +329,7 @@ impl DirectService {
     ) -> Result<Vec<SectorId>, ServiceError> {
         let body = write.meta.body();
         let inode = body.ids.inode;
-        verify::verify_meta(
-            &write.meta,
-            self.info.generation,
-            &self.info.directory,
-            now,
-            revoked,
-        )?;
+        self.verify_meta(&write.meta, now, revoked)?;
         let old = self.load_meta(inode, state)?;
         if let Some(old) = &old {
             verify::check_immutable(old, &write.meta)?;
@@ -433,7 +467,13 @@ impl SectorService for DirectService {
     }
 
     fn allocate_inode(&self) -> Result<u64, ServiceError> {
-        Ok(self.engine.allocate_inode()?)
+        let mut reserved = lock(&self.inodes);
+        if reserved.is_empty() {
+            *reserved = self.engine.allocate_inodes(INODE_RESERVATION)?;
+        }
+        reserved
+            .next()
+            .ok_or_else(|| ServiceError::Invalid("inode reservation empty".into()))
     }
 
     fn read_meta(&self, inode: u64) -> Result<Option<FileMeta>, ServiceError> {
@@ -521,13 +561,7 @@ impl SectorService for DirectService {
             }
             for tombstone in &removes {
                 let inode = tombstone.body().ids.inode;
-                verify::verify_meta(
-                    tombstone,
-                    self.info.generation,
-                    &self.info.directory,
-                    now,
-                    &revoked,
-                )?;
+                self.verify_meta(tombstone, now, &revoked)?;
                 let state = guards
                     .get_mut(&inode)
                     .ok_or(ServiceError::NotFound(inode))?;

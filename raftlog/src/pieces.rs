@@ -71,8 +71,14 @@ pub fn parallel_map<T: Sync, R: Send>(
     bytes: usize,
     work: impl Fn(&T) -> R + Sync,
 ) -> Vec<R> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if threads < 2 || bytes < PARALLEL_BYTES || items.len() < 2 {
+    if bytes < PARALLEL_BYTES || items.len() < 2 {
+        return items.iter().map(&work).collect();
+    }
+    // Asked once: the answer reads cgroup files, too slow for every batch.
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    let threads =
+        *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    if threads < 2 {
         return items.iter().map(&work).collect();
     }
     let chunk = items.len().div_ceil(threads);

@@ -33,6 +33,19 @@ pub fn verify_meta(
     now: Timestamp,
     revoked: &RevocationList,
 ) -> Result<(), ServiceError> {
+    verify_meta_with(meta, generation, |meta| {
+        meta.verify(directory, now, revoked)
+    })
+}
+
+/// [`verify_meta`] with the signature and writecap checks done by `check`, so a
+/// caller can skip re-verifying a chain it verified before
+/// ([`FileMeta::verify_known_chain`]).
+pub fn verify_meta_with(
+    meta: &FileMeta,
+    generation: u64,
+    check: impl FnOnce(&FileMeta) -> Result<(), blocktree_core::metadata::MetaError>,
+) -> Result<(), ServiceError> {
     let body = meta.body();
     let inode = body.ids.inode;
     if body.ids.generation != generation {
@@ -41,11 +54,10 @@ pub fn verify_meta(
             body.ids.generation
         )));
     }
-    meta.verify(directory, now, revoked)
-        .map_err(|source| ServiceError::Unauthorized {
-            inode,
-            source: Box::new(source),
-        })?;
+    check(meta).map_err(|source| ServiceError::Unauthorized {
+        inode,
+        source: Box::new(source),
+    })?;
     if body.sector_size == 0 || body.sector_size > MAX_SECTOR_SIZE {
         return Err(ServiceError::Invalid(format!(
             "inode {inode}: sector size {} is outside 1..={MAX_SECTOR_SIZE}",
