@@ -26,11 +26,12 @@ use blocktree_core::readcap::{EpochKeyTable, FileIds, ParentTable, ReadcapTable,
 use blocktree_core::sector::SectorId;
 use blocktree_core::time::Timestamp;
 use blocktree_core::writecap::RevocationList;
-use blocktree_raftlog::{FileWrite, SectorBatch, SectorService};
+use blocktree_raftlog::{SectorBatch, SectorService};
 use crossbeam_channel::Receiver;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 /// The xattr of a directory that sets whether files created in it are encrypted
 /// ("on" or "off"); without it, children inherit the directory's own encryption.
@@ -71,6 +72,25 @@ impl Default for FsConfig {
 
 type NodeRef = Arc<Mutex<NodeState>>;
 
+/// Namespace and attribute changes made in memory and not yet committed: they go
+/// to the store together, as one atomic batch, when [`PENDING_NODES`] files have
+/// changed, [`PENDING_AGE`] has passed, or on fsync, fsyncdir and unmount — the
+/// commit interval of a journaling file system. A create followed by an unlink
+/// inside one interval never reaches the store.
+#[derive(Default)]
+struct Pending {
+    nodes: BTreeMap<u64, NodeRef>,
+    tombstones: Vec<blocktree_core::metadata::FileMeta>,
+    /// Inodes deleted in memory: the store may still hold them until the commit.
+    deleted: std::collections::HashSet<u64>,
+    since: Option<Instant>,
+}
+
+/// Changed files that force a commit of the pending namespace changes.
+const PENDING_NODES: usize = 1024;
+/// The longest a namespace change waits before it is committed.
+pub const PENDING_AGE: Duration = Duration::from_secs(1);
+
 struct Handle {
     node: NodeRef,
     write: bool,
@@ -90,6 +110,7 @@ pub struct FileSystem {
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
     namespace: Mutex<()>,
+    pending: Mutex<Pending>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -142,6 +163,7 @@ impl FileSystem {
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             namespace: Mutex::new(()),
+            pending: Mutex::new(Pending::default()),
         };
         if fs.ctx.service.read_meta(Self::ROOT)?.is_none() {
             if fs.config.read_only {
@@ -330,6 +352,9 @@ impl FileSystem {
         if let Some(node) = lock(&self.nodes).get(&ino) {
             return Ok(node.clone());
         }
+        if lock(&self.pending).deleted.contains(&ino) {
+            return Err(FsError::NotFound);
+        }
         let parent = if ino == Self::ROOT {
             None
         } else {
@@ -353,6 +378,9 @@ impl FileSystem {
         if let Some(node) = lock(&self.nodes).get(&ino) {
             return Ok(node.clone());
         }
+        if lock(&self.pending).deleted.contains(&ino) {
+            return Err(FsError::NotFound);
+        }
         let state = NodeState::load(&self.ctx, ino, Some(&parent.parent_info()))?;
         Ok(self.install(ino, state))
     }
@@ -374,8 +402,14 @@ impl FileSystem {
             .clone()
     }
 
-    /// Commits one node's buffered changes as a batch of its own.
+    /// Commits one file's buffered writes as a batch of its own. A directory's
+    /// changes are namespace changes: they are staged, to be committed with the
+    /// files their entries name.
     fn commit(&self, node: &mut NodeState) -> FsResult<()> {
+        if node.is_dir() {
+            self.stage_inos(&[node.ino], Vec::new());
+            return Ok(());
+        }
         let Some(write) = node.prepare_commit(&self.ctx)? else {
             return Ok(());
         };
@@ -395,44 +429,120 @@ impl FileSystem {
         }
     }
 
-    /// Commits several nodes' changes (and deletes) as one atomic batch.
+    /// Stages the changes of several nodes (and deletes) to be committed together;
+    /// see [`Pending`].
     fn commit_together(
         &self,
         nodes: &mut [&mut NodeState],
         removes: Vec<blocktree_core::metadata::FileMeta>,
     ) -> FsResult<()> {
-        let mut writes: Vec<(usize, FileWrite)> = Vec::new();
-        for (index, node) in nodes.iter_mut().enumerate() {
-            match node.prepare_commit(&self.ctx) {
+        let inos: Vec<u64> = nodes.iter().map(|node| node.ino).collect();
+        self.stage_inos(&inos, removes);
+        Ok(())
+    }
+
+    fn stage_inos(&self, inos: &[u64], tombstones: Vec<blocktree_core::metadata::FileMeta>) {
+        let refs: Vec<(u64, NodeRef)> = {
+            let nodes = lock(&self.nodes);
+            inos.iter()
+                .filter_map(|ino| nodes.get(ino).map(|node| (*ino, node.clone())))
+                .collect()
+        };
+        let mut pending = lock(&self.pending);
+        for (ino, node) in refs {
+            pending.nodes.insert(ino, node);
+        }
+        for tombstone in &tombstones {
+            pending.nodes.remove(&tombstone.body().ids.inode);
+        }
+        pending.tombstones.extend(tombstones);
+        pending.since.get_or_insert_with(Instant::now);
+    }
+
+    /// Drops `ino` from the staged changes: it is being deleted.
+    fn unstage(&self, ino: u64) {
+        let mut pending = lock(&self.pending);
+        pending.nodes.remove(&ino);
+        pending.deleted.insert(ino);
+    }
+
+    /// Commits the staged changes if enough have gathered or waited long enough.
+    /// A failure is logged and the changes stay staged: the operation that staged
+    /// them succeeded, and fsync or unmount reports the error.
+    fn after_change(&self) {
+        let due = {
+            let pending = lock(&self.pending);
+            pending.nodes.len() + pending.tombstones.len() >= PENDING_NODES
+                || pending
+                    .since
+                    .is_some_and(|since| since.elapsed() >= PENDING_AGE)
+        };
+        if due && let Err(error) = self.commit_pending() {
+            tracing::warn!("committing namespace changes failed, will retry: {error}");
+        }
+    }
+
+    /// Commits every staged namespace and attribute change as one atomic batch.
+    pub fn commit_pending(&self) -> FsResult<()> {
+        let _namespace = lock(&self.namespace);
+        let Pending {
+            nodes,
+            tombstones,
+            deleted,
+            since,
+        } = std::mem::take(&mut *lock(&self.pending));
+        if nodes.is_empty() && tombstones.is_empty() {
+            return Ok(());
+        }
+        // In inode order, like every multi-node lock here.
+        let mut guards: Vec<MutexGuard<'_, NodeState>> =
+            nodes.values().map(|node| lock(node)).collect();
+        let mut writes = Vec::new();
+        let mut failure = None;
+        for (index, guard) in guards.iter_mut().enumerate() {
+            match guard.prepare_commit(&self.ctx) {
                 Ok(Some(write)) => writes.push((index, write)),
                 Ok(None) => {}
                 Err(error) => {
-                    for node in nodes.iter_mut() {
-                        node.abort_commit();
-                    }
-                    return Err(error);
+                    failure = Some(error);
+                    break;
                 }
             }
         }
-        let metas: Vec<_> = writes
-            .iter()
-            .map(|(index, write)| (*index, write.meta.clone()))
-            .collect();
-        let batch = SectorBatch {
-            files: writes.into_iter().map(|(_, write)| write).collect(),
-            removes,
+        let result = match failure {
+            Some(error) => Err(error),
+            None => {
+                let metas: Vec<_> = writes
+                    .iter()
+                    .map(|(index, write)| (*index, write.meta.clone()))
+                    .collect();
+                let batch = SectorBatch {
+                    files: writes.into_iter().map(|(_, write)| write).collect(),
+                    removes: tombstones.clone(),
+                };
+                self.submit(batch).map(|()| metas)
+            }
         };
-        match self.submit(batch) {
-            Ok(()) => {
+        match result {
+            Ok(metas) => {
                 for (index, meta) in metas {
-                    nodes[index].finish_commit(meta);
+                    guards[index].finish_commit(meta);
                 }
                 Ok(())
             }
             Err(error) => {
-                for node in nodes.iter_mut() {
-                    node.abort_commit();
+                for guard in guards.iter_mut() {
+                    guard.abort_commit();
                 }
+                drop(guards);
+                // Nothing was stored: stage it all again for the next try.
+                let mut pending = lock(&self.pending);
+                for (ino, node) in nodes {
+                    pending.nodes.entry(ino).or_insert(node);
+                }
+                pending.tombstones.extend(tombstones);
+                pending.deleted.extend(deleted);
+                pending.since = since.or(pending.since);
                 Err(error)
             }
         }
@@ -670,18 +780,14 @@ impl FileSystem {
             dir.secrets.nlink += 1;
         }
         dir.meta_dirty = true;
-        if let Err(error) = self.commit_together(&mut [&mut child, &mut dir], Vec::new()) {
-            if let Some(entries) = dir.dir.as_mut() {
-                entries.remove(name);
-            }
-            if new.kind == FileKind::Directory {
-                dir.secrets.nlink -= 1;
-            }
-            return Err(error);
-        }
+        dir.meta_dirty = true;
+        let child = self.install(ino, child);
+        self.stage_inos(&[ino, dir.ino], Vec::new());
         lock(&self.parents).insert(ino, parent);
         drop(dir);
-        Ok(self.install(ino, child))
+        drop(_namespace);
+        self.after_change();
+        Ok(child)
     }
 
     /// Creates a regular file, FIFO or socket (device nodes are not supported).
@@ -800,7 +906,7 @@ impl FileSystem {
         &self,
         dir: &mut NodeState,
         child: &mut NodeState,
-    ) -> FsResult<Option<blocktree_core::metadata::FileMeta>> {
+    ) -> FsResult<Option<Option<blocktree_core::metadata::FileMeta>>> {
         let time = now();
         dir.secrets.mtime = time;
         dir.secrets.ctime = time;
@@ -828,7 +934,13 @@ impl FileSystem {
             child.body.parents.remove(&salt, parent_ids);
         }
         if child.secrets.nlink == 0 && child.handles == 0 {
-            return Ok(Some(child.tombstone(&self.ctx)?));
+            self.unstage(child.ino);
+            // A file never committed leaves nothing to delete.
+            return Ok(Some(if child.stored {
+                Some(child.tombstone(&self.ctx)?)
+            } else {
+                None
+            }));
         }
         Ok(None)
     }
@@ -873,7 +985,9 @@ impl FileSystem {
             .and_then(|tombstone| {
                 let removed = tombstone.is_some();
                 let outcome = match tombstone {
-                    Some(tombstone) => self.commit_together(&mut [&mut dir], vec![tombstone]),
+                    Some(tombstone) => {
+                        self.commit_together(&mut [&mut dir], tombstone.into_iter().collect())
+                    }
                     None => self.commit_together(&mut [&mut dir, &mut child], Vec::new()),
                 };
                 outcome.map(|()| removed)
@@ -885,6 +999,9 @@ impl FileSystem {
                     lock(&self.nodes).remove(&entry.inode);
                     lock(&self.parents).remove(&entry.inode);
                 }
+                drop(dir);
+                drop(_namespace);
+                self.after_change();
                 Ok(())
             }
             Err(error) => {
@@ -1007,7 +1124,10 @@ impl FileSystem {
             return Err(error);
         }
         lock(&self.parents).insert(ino, new_parent);
-        Ok(Self::attr(&child))
+        let attr = Self::attr(&child);
+        drop((child, dir, _namespace));
+        self.after_change();
+        Ok(attr)
     }
 
     /// True if `ancestor` is `ino` or one of the directories above it.
@@ -1027,6 +1147,20 @@ impl FileSystem {
 
     /// Renames `parent/name` to `new_parent/new_name`.
     pub fn rename(
+        &self,
+        caller: &Caller,
+        parent: u64,
+        name: &[u8],
+        new_parent: u64,
+        new_name: &[u8],
+        mode: RenameMode,
+    ) -> FsResult<()> {
+        self.rename_staged(caller, parent, name, new_parent, new_name, mode)?;
+        self.after_change();
+        Ok(())
+    }
+
+    fn rename_staged(
         &self,
         caller: &Caller,
         parent: u64,
@@ -1123,7 +1257,7 @@ impl FileSystem {
             .as_deref()
             .map(|node| (node.secrets.clone(), node.body.clone()));
 
-        let result = (|| -> FsResult<Option<blocktree_core::metadata::FileMeta>> {
+        let result = (|| -> FsResult<Option<Option<blocktree_core::metadata::FileMeta>>> {
             let time = now();
             let mut tombstone = None;
             match mode {
@@ -1205,7 +1339,9 @@ impl FileSystem {
         })();
 
         let outcome = result.and_then(|tombstone| {
-            let removed = tombstone.as_ref().map(|meta| meta.body().ids.inode);
+            let removed = tombstone
+                .as_ref()
+                .and_then(|_| target.map(|target| target.inode));
             let mut nodes: Vec<&mut NodeState> = vec![&mut old_dir, &mut source_node];
             if let Some(dir) = new_guard.as_deref_mut() {
                 nodes.push(dir);
@@ -1215,7 +1351,7 @@ impl FileSystem {
             {
                 nodes.push(target);
             }
-            let removes = tombstone.into_iter().collect();
+            let removes = tombstone.flatten().into_iter().collect();
             self.commit_together(&mut nodes, removes).map(|()| removed)
         });
         match outcome {
@@ -1385,6 +1521,8 @@ impl FileSystem {
 
     /// Commits and makes durable everything written to the file.
     pub fn fsync(&self, fh: u64, _datasync: bool) -> FsResult<()> {
+        // The file's name and attributes too, not only its data.
+        self.commit_pending()?;
         self.flush(fh)?;
         Ok(self.ctx.service.flush()?)
     }
@@ -1396,13 +1534,16 @@ impl FileSystem {
         node.handles = node.handles.saturating_sub(1);
         if node.secrets.nlink == 0 && node.handles == 0 {
             let ino = node.ino;
-            let tombstone = node.tombstone(&self.ctx)?;
-            self.submit(SectorBatch {
-                files: Vec::new(),
-                removes: vec![tombstone],
-            })?;
+            let tombstone = if node.stored {
+                vec![node.tombstone(&self.ctx)?]
+            } else {
+                Vec::new()
+            };
             drop(node);
+            self.unstage(ino);
             lock(&self.nodes).remove(&ino);
+            self.stage_inos(&[], tombstone);
+            self.after_change();
             return Ok(());
         }
         if node.is_dirty() {
@@ -1465,11 +1606,8 @@ impl FileSystem {
 
     /// Makes the directory's committed entries durable.
     pub fn fsyncdir(&self, ino: u64) -> FsResult<()> {
-        let node = self.node(ino)?;
-        {
-            let mut node = lock(&node);
-            self.commit(&mut node)?;
-        }
+        self.node(ino)?;
+        self.commit_pending()?;
         Ok(self.ctx.service.flush()?)
     }
 
@@ -1689,8 +1827,8 @@ impl FileSystem {
 
     /// Commits every buffered change and makes everything durable (unmount).
     pub fn sync_all(&self) -> FsResult<()> {
+        let mut first_error = self.commit_pending().err();
         let nodes: Vec<NodeRef> = lock(&self.nodes).values().cloned().collect();
-        let mut first_error = None;
         for node in nodes {
             let mut node = lock(&node);
             if node.is_dirty()
@@ -1741,6 +1879,37 @@ impl FileSystem {
             node.body.readcaps = saved;
             return Err(error);
         }
+        drop(node);
+        self.commit_pending()?;
         Ok(self.ctx.service.flush()?)
+    }
+
+    /// Commits staged namespace changes every [`PENDING_AGE`] from a background
+    /// thread while `fs` lives, so an idle mount does not hold changes longer.
+    pub fn start_flusher(fs: &Arc<FileSystem>) {
+        let weak = Arc::downgrade(fs);
+        let spawned = std::thread::Builder::new()
+            .name("btfs-flusher".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(PENDING_AGE / 4);
+                    let Some(fs) = weak.upgrade() else {
+                        return;
+                    };
+                    fs.after_change();
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!("no background flusher ({error}): changes commit on the next operation");
+        }
+    }
+}
+
+impl Drop for FileSystem {
+    /// A clean shutdown commits what is staged and buffered, as unmount does.
+    fn drop(&mut self) {
+        if let Err(error) = self.sync_all() {
+            tracing::error!("committing at shutdown failed: {error}");
+        }
     }
 }

@@ -96,6 +96,8 @@ pub(crate) struct NodeState {
     pub dir: Option<Directory>,
     /// File handles open on this node.
     pub handles: u32,
+    /// The store holds a version of this file (it was loaded or committed).
+    pub stored: bool,
     /// Bumped by every change of the contents, so a read that fetched sectors
     /// without the lock does not cache what a concurrent write replaced.
     version: u64,
@@ -165,6 +167,7 @@ impl NodeState {
             cache: HashMap::new(),
             dir: is_dir.then(Directory::new),
             handles: 0,
+            stored: false,
             version: 0,
         }
     }
@@ -227,6 +230,7 @@ impl NodeState {
             cache: HashMap::new(),
             dir: None,
             handles: 0,
+            stored: true,
             version: 0,
         };
         if is_dir {
@@ -695,6 +699,7 @@ impl NodeState {
     /// Installs the committed metadata; committed sectors move to the cache.
     pub fn finish_commit(&mut self, meta: FileMeta) {
         self.body = meta.into_body();
+        self.stored = true;
         let now = Instant::now();
         let dirty = std::mem::take(&mut self.dirty);
         if dirty.len() + self.cache.len() > CACHED_SECTORS {
