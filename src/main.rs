@@ -27,6 +27,13 @@ enum Command {
     /// Measure the sector engine: throughput and latency like fio, index memory and
     /// start-up time.
     Bench(cli::bench::BenchArgs),
+    /// Mount a Blocktree directory through FUSE (btfuse), in the foreground.
+    #[command(long_about = cli::mount::LONG_ABOUT)]
+    Mount(cli::mount::MountArgs),
+    /// Grant readcaps: let another principal read encrypted files.
+    Readcap(cli::readcap::ReadcapArgs),
+    /// Create, list, resize and delete the volumes `up` exports over NBD.
+    Volume(cli::volume::VolumeArgs),
 }
 
 fn main() -> ExitCode {
@@ -35,6 +42,9 @@ fn main() -> ExitCode {
         Command::Up(args) => cli::up::run(args),
         Command::Provision(args) => cli::provision::run(args),
         Command::Bench(args) => cli::bench::run(args),
+        Command::Mount(args) => cli::mount::run(args),
+        Command::Readcap(args) => cli::readcap::run(args),
+        Command::Volume(args) => cli::volume::run(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,17 +1,17 @@
 //! `blocktree up`, run as the real binary on real data directories.
 //!
-//! Until the filesystem service and the NBD export land (issues #4, #5), `up`
-//! provisions a domain on first start, checks it on later starts, and says
-//! plainly that nothing is served.
+//! `up` provisions a domain on first start and checks it on later starts, then
+//! serves the volumes over NBD in the foreground until SIGTERM (the NBD side is
+//! tested with real clients in `tests/nbd_*.rs`).
 
 use std::fs;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 const BLOCKTREE: &str = env!("CARGO_BIN_EXE_blocktree");
 const PASSWORD: &str = "correct horse battery staple";
-const NOT_SERVING: &str = "The filesystem service and NBD export are not built yet (issues #4, #5): \
-nothing is served; `blocktree up` will export nbd://127.0.0.1:10809/vol0 once they land.";
+const STOPPED: &str = "stopped: every write is durable";
 
 /// Runs the binary with no password in the environment and stdin not a terminal.
 fn blocktree(args: &[&str]) -> Output {
@@ -37,6 +37,64 @@ fn succeed(args: &[&str]) -> (String, String) {
         text(&output.stderr)
     );
     (text(&output.stdout), text(&output.stderr))
+}
+
+/// Runs `blocktree up args... --nbd 127.0.0.1:0` (no password in the
+/// environment, stdin not a terminal) until it is ready, then stops it with
+/// SIGTERM; it must exit 0. Returns (stdout, stderr).
+fn up(args: &[&str]) -> (String, String) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let (stdout, stderr) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = Command::new(BLOCKTREE)
+        .arg("up")
+        .args(args)
+        .args(["--nbd", "127.0.0.1:0"])
+        .env_remove("BLOCKTREE_ROOT_PASSWORD")
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&stdout).expect("stdout file"))
+        .stderr(fs::File::create(&stderr).expect("stderr file"))
+        .spawn()
+        .expect("start blocktree up");
+    let read = |path: &Path| fs::read_to_string(path).unwrap_or_default();
+    let started = Instant::now();
+    while !read(&stdout).lines().any(|line| line.starts_with("ready:")) {
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("blocktree up {args:?} exited ({status}): {}", read(&stderr));
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "not ready: {}",
+            read(&stderr)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill -TERM");
+    let status = child.wait().expect("wait for blocktree up");
+    assert!(
+        status.success(),
+        "up exited with {status}: {}",
+        read(&stderr)
+    );
+    (read(&stdout), read(&stderr))
+}
+
+/// `up` served `vol0` on its free port and stopped cleanly.
+fn assert_served(stdout: &str) {
+    let ready = stdout
+        .lines()
+        .find(|line| line.starts_with("ready:"))
+        .unwrap_or_else(|| panic!("no ready line in:\n{stdout}"));
+    assert!(
+        ready.starts_with("ready: serving nbd://127.0.0.1:"),
+        "{ready}"
+    );
+    assert!(ready.contains("/vol0"), "{ready}");
+    assert!(field(stdout, "nbd").ends_with("/vol0"), "{stdout}");
+    assert_eq!(field(stdout, "volumes"), "vol0 (1 GiB, 4096-byte blocks)");
+    assert_eq!(stdout.lines().last(), Some(STOPPED), "{stdout}");
 }
 
 /// The value of the first `label: value` line of `output`.
@@ -70,13 +128,7 @@ fn first_up_creates_a_domain_and_later_ups_reuse_it() {
     let password_file = path_str(&dir.path().join("password")).to_owned();
     fs::write(&password_file, format!("{PASSWORD}\n")).expect("password file");
 
-    let (first, stderr) = succeed(&[
-        "up",
-        "--data",
-        &data,
-        "--root-password-file",
-        &password_file,
-    ]);
+    let (first, stderr) = up(&["--data", &data, "--root-password-file", &password_file]);
     assert_eq!(stderr, "", "nothing to warn about on a clean first start");
     let root = field(&first, "root principal");
     assert!(
@@ -99,7 +151,7 @@ fn first_up_creates_a_domain_and_later_ups_reuse_it() {
         writecap.starts_with(&format!("/{root}, valid until ")),
         "{first}"
     );
-    assert_eq!(first.lines().last(), Some(NOT_SERVING), "{first}");
+    assert_served(&first);
     assert!(!first.contains(PASSWORD), "the password is never printed");
 
     // The store `up` made is one `provision` can read: the root is there, and the
@@ -115,7 +167,7 @@ fn first_up_creates_a_domain_and_later_ups_reuse_it() {
     );
 
     // Later starts need no password and keep the same identities.
-    let (second, stderr) = succeed(&["up", "--data", &data]);
+    let (second, stderr) = up(&["--data", &data]);
     assert_eq!(stderr, "");
     assert_eq!(principal_of(&field(&second, "root principal")), root);
     assert_eq!(field(&second, "server principal"), server);
@@ -124,7 +176,7 @@ fn first_up_creates_a_domain_and_later_ups_reuse_it() {
         field(&second, "credential store").ends_with("(existing)"),
         "{second}"
     );
-    assert_eq!(second.lines().last(), Some(NOT_SERVING));
+    assert_served(&second);
 }
 
 #[test]
@@ -132,7 +184,7 @@ fn up_off_a_terminal_without_a_password_generates_one_and_shows_it_once() {
     let dir = tempfile::tempdir().expect("temporary directory");
     let data = path_str(&dir.path().join("data")).to_owned();
 
-    let (stdout, stderr) = succeed(&["up", "--data", &data]);
+    let (stdout, stderr) = up(&["--data", &data]);
     let generated = field(&stderr, "root password");
     assert!(
         generated.len() >= 22,
@@ -154,7 +206,7 @@ fn up_off_a_terminal_without_a_password_generates_one_and_shows_it_once() {
         1,
         "printed exactly once"
     );
-    assert_eq!(stdout.lines().last(), Some(NOT_SERVING));
+    assert_served(&stdout);
     let root = principal_of(&field(&stdout, "root principal"));
 
     // The printed password really unlocks the root: approve a request with it.
@@ -189,7 +241,7 @@ fn up_off_a_terminal_without_a_password_generates_one_and_shows_it_once() {
     assert_eq!(field(&approved, "approved by"), format!("root /{root}"));
 
     // A later start generates nothing and prints no password.
-    let (again, stderr) = succeed(&["up", "--data", &data]);
+    let (again, stderr) = up(&["--data", &data]);
     assert_eq!(stderr, "");
     assert!(!again.contains(&generated));
 }
@@ -223,8 +275,7 @@ fn up_finishes_a_first_start_that_stopped_before_the_writecap() {
         "no password is generated for existing root credentials: {stderr}"
     );
 
-    let (stdout, stderr) = succeed(&[
-        "up",
+    let (stdout, stderr) = up(&[
         "--data",
         path_str(&data),
         "--root-password-file",
@@ -304,18 +355,18 @@ fn up_uses_a_writecap_provisioned_by_an_operator_and_refuses_a_store_without_one
         &file("server.writecap"),
     ]);
 
-    let (stdout, _) = succeed(&["up", "--data", &file("data")]);
+    let (stdout, _) = up(&["--data", &file("data")]);
     assert_eq!(
         field(&stdout, "root principal"),
         format!("{root} (root credentials kept elsewhere)")
     );
     assert_eq!(field(&stdout, "server principal"), server);
     assert!(field(&stdout, "writecap").starts_with(&format!("{servers}, valid until")));
-    assert_eq!(stdout.lines().last(), Some(NOT_SERVING));
+    assert_served(&stdout);
 }
 
 #[test]
-fn up_help_explains_what_it_does_today() {
+fn up_help_explains_what_it_does() {
     let (help, _) = succeed(&["up", "--help"]);
     for needle in [
         "--data <DATA>",
@@ -323,9 +374,17 @@ fn up_help_explains_what_it_does_today() {
         "--root-password-file <FILE>",
         "BLOCKTREE_ROOT_PASSWORD",
         "printed once",
-        "issues #4, #5",
+        "--nbd <ADDR:PORT>",
+        "127.0.0.1:10809",
+        "--nbd-socket <PATH>",
+        "--tls <MODE>",
+        "--tls-cert <FILE>",
+        "--tls-key <FILE>",
+        "--read-only",
+        "nbd://127.0.0.1:10809/vol0",
+        "blocktree volume",
+        "SIGINT or SIGTERM",
     ] {
         assert!(help.contains(needle), "{needle:?} missing from:\n{help}");
     }
-    assert!(!help.contains("--nbd"), "no options that do nothing");
 }

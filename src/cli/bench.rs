@@ -245,7 +245,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
 /// Parses a byte count with an optional binary suffix: `4096`, `4K`, `4KiB`, `1.5G`.
 /// K, M, G and T mean 1024-based units, as in fio, with or without `B`/`iB`.
-fn parse_bytes(text: &str) -> Result<u64, String> {
+pub(crate) fn parse_bytes(text: &str) -> Result<u64, String> {
     let text = text.trim();
     let split = text
         .find(|c: char| !(c.is_ascii_digit() || c == '.' || c == '_'))
@@ -284,7 +284,8 @@ fn parse_bytes(text: &str) -> Result<u64, String> {
     Ok(bytes)
 }
 
-fn parse_sector_size(text: &str) -> Result<u64, String> {
+/// A sector size: a multiple of 512 bytes, at most 1 MiB (also `mount --sector-size`).
+pub(crate) fn parse_sector_size(text: &str) -> Result<u64, String> {
     let bytes = parse_bytes(text)?;
     if bytes == 0 || bytes % 512 != 0 {
         return Err(format!(

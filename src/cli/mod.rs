@@ -4,10 +4,13 @@
 //! command-line arguments into calls on it, and its answers into output.
 
 pub mod bench;
+pub mod mount;
 pub mod output;
 pub mod password;
 pub mod provision;
+pub mod readcap;
 pub mod up;
+pub mod volume;
 
 use anyhow::{Context, Result, anyhow};
 use blocktree_core::encoding::{self, DecodeError, Encodable};
