@@ -83,6 +83,9 @@ struct Pending {
     tombstones: Vec<blocktree_core::metadata::FileMeta>,
     /// Inodes deleted in memory: the store may still hold them until the commit.
     deleted: std::collections::HashSet<u64>,
+    /// Inodes created since the last commit of the staged changes. A file under
+    /// such a directory cannot prove its readcap chain to the store yet.
+    created: std::collections::HashSet<u64>,
     since: Option<Instant>,
 }
 
@@ -489,6 +492,7 @@ impl FileSystem {
             nodes,
             tombstones,
             deleted,
+            created,
             since,
         } = std::mem::take(&mut *lock(&self.pending));
         if nodes.is_empty() && tombstones.is_empty() {
@@ -542,6 +546,7 @@ impl FileSystem {
                 }
                 pending.tombstones.extend(tombstones);
                 pending.deleted.extend(deleted);
+                pending.created.extend(created);
                 pending.since = since.or(pending.since);
                 Err(error)
             }
@@ -783,6 +788,7 @@ impl FileSystem {
         dir.meta_dirty = true;
         let child = self.install(ino, child);
         self.stage_inos(&[ino, dir.ino], Vec::new());
+        lock(&self.pending).created.insert(ino);
         lock(&self.parents).insert(ino, parent);
         drop(dir);
         drop(_namespace);
@@ -1489,8 +1495,36 @@ impl FileSystem {
         // The records are fetched and verified without the node's lock, so reads
         // of one file (NBD queues, FUSE readahead) proceed in parallel.
         let plan = lock(&node_ref).plan_read(&self.ctx, offset, u64::from(size))?;
-        let fetched = plan.sectors.fetch(&self.ctx)?;
+        let fetched = match plan.sectors.fetch(&self.ctx) {
+            Err(FsError::Access(_)) if self.ancestors_created(&node_ref) => {
+                // The store cannot check the readcap chain through directories it
+                // has not seen yet: commit them, then read.
+                self.commit_pending()?;
+                plan.sectors.fetch(&self.ctx)?
+            }
+            other => other?,
+        };
         Ok(lock(&node_ref).finish_read(plan, fetched))
+    }
+
+    /// True if a directory on `node`'s readcap chain was created since the last
+    /// commit of the staged changes.
+    fn ancestors_created(&self, node: &NodeRef) -> bool {
+        let chain = lock(node).chain.clone();
+        let pending = lock(&self.pending);
+        chain
+            .split_last()
+            .is_some_and(|(_, above)| above.iter().any(|ino| pending.created.contains(ino)))
+    }
+
+    /// Commits `node`'s buffered writes; first the staged namespace changes when
+    /// its directories are new, so the store can later check its readcap chain.
+    fn commit_file(&self, node: &NodeRef) -> FsResult<()> {
+        if self.ancestors_created(node) {
+            self.commit_pending()?;
+        }
+        let mut node = lock(node);
+        self.commit(&mut node)
     }
 
     /// Writes `data` at `offset` (at the end for `O_APPEND`); returns the count.
@@ -1499,15 +1533,33 @@ impl FileSystem {
         if !write {
             return Err(FsError::BadHandle);
         }
-        let mut node = lock(&node);
+        let node_ref = node;
+        let mut node = lock(&node_ref);
         let offset = if append { node.secrets.size } else { offset };
-        node.write(&self.ctx, offset, data)?;
+        let written = node.write(&self.ctx, offset, data);
+        let mut node = match written {
+            Ok(()) => node,
+            Err(FsError::Access(why)) => {
+                drop(node);
+                if !self.ancestors_created(&node_ref) {
+                    return Err(FsError::Access(why));
+                }
+                // A partial sector's current contents could not be read through
+                // directories the store has not seen yet: commit them and retry.
+                self.commit_pending()?;
+                let mut node = lock(&node_ref);
+                node.write(&self.ctx, offset, data)?;
+                node
+            }
+            Err(error) => return Err(error),
+        };
         // Writing clears setuid/setgid, as on other file systems.
         if node.secrets.mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
             node.secrets.mode &= !(libc::S_ISUID | libc::S_ISGID);
         }
         if node.dirty_bytes() >= self.config.dirty_limit {
-            self.commit(&mut node)?;
+            drop(node);
+            self.commit_file(&node_ref)?;
         }
         u32::try_from(data.len()).map_err(|_| FsError::Invalid("write too large".into()))
     }
@@ -1515,8 +1567,7 @@ impl FileSystem {
     /// Commits the buffered writes of the file (`close(2)`).
     pub fn flush(&self, fh: u64) -> FsResult<()> {
         let (node, _, _) = self.handle(fh)?;
-        let mut node = lock(&node);
-        self.commit(&mut node)
+        self.commit_file(&node)
     }
 
     /// Commits and makes durable everything written to the file.
@@ -1546,8 +1597,10 @@ impl FileSystem {
             self.after_change();
             return Ok(());
         }
-        if node.is_dirty() {
-            self.commit(&mut node)?;
+        let dirty = node.is_dirty();
+        drop(node);
+        if dirty {
+            self.commit_file(&handle.node)?;
         }
         Ok(())
     }

@@ -89,6 +89,10 @@ pub(crate) struct NodeState {
     dirty_bytes: usize,
     /// Sectors punched to holes and not yet committed.
     holes: BTreeSet<u64>,
+    /// A truncate cut the file below this sector since the last commit: stored
+    /// sectors from here on are stale and read as zeros, even if the file grows
+    /// again before the commit, which turns them into holes.
+    cut_from: Option<u64>,
     /// Secrets (size, times, mode, xattrs…) changed and not yet committed.
     pub meta_dirty: bool,
     cache: HashMap<u64, (Instant, Vec<u8>)>,
@@ -163,6 +167,7 @@ impl NodeState {
             dirty: BTreeMap::new(),
             dirty_bytes: 0,
             holes: BTreeSet::new(),
+            cut_from: None,
             meta_dirty: true,
             cache: HashMap::new(),
             dir: is_dir.then(Directory::new),
@@ -226,6 +231,7 @@ impl NodeState {
             dirty: BTreeMap::new(),
             dirty_bytes: 0,
             holes: BTreeSet::new(),
+            cut_from: None,
             meta_dirty: false,
             cache: HashMap::new(),
             dir: None,
@@ -347,7 +353,10 @@ impl NodeState {
         for &index in indices {
             if let Some(plaintext) = self.dirty.get(&index) {
                 have.push(Some(plaintext.clone()));
-            } else if self.holes.contains(&index) || index >= count {
+            } else if self.holes.contains(&index)
+                || index >= count
+                || self.cut_from.is_some_and(|cut| index >= cut)
+            {
                 have.push(Some(vec![0u8; size]));
             } else {
                 match self.cache.get(&index) {
@@ -537,6 +546,7 @@ impl NodeState {
             }
             self.holes.retain(|&index| index < keep);
             self.cache.retain(|&index, _| index < keep);
+            self.cut_from = Some(self.cut_from.map_or(keep, |cut| cut.min(keep)));
             let tail = size % sector;
             if tail != 0 {
                 // The kept part of the last sector stays; the rest must read as zeros
@@ -570,7 +580,10 @@ impl NodeState {
             .map(|index| {
                 if self.dirty.contains_key(&index) {
                     false
-                } else if self.holes.contains(&index) || index >= stored {
+                } else if self.holes.contains(&index)
+                    || index >= stored
+                    || self.cut_from.is_some_and(|cut| index >= cut)
+                {
                     true
                 } else {
                     tree.leaf(index) == Some(hole)
@@ -670,7 +683,13 @@ impl NodeState {
             leaves.push((index, leaf));
             data.push((index, record));
         }
-        let holes: Vec<u64> = self.holes.range(..sector_count).copied().collect();
+        let stored = self.body.sector_count.min(sector_count);
+        let mut holes: BTreeSet<u64> = self.holes.range(..sector_count).copied().collect();
+        if let Some(cut) = self.cut_from {
+            // Stale stored sectors the file grew back over: holes on both sides.
+            holes.extend((cut..stored).filter(|index| !self.dirty.contains_key(index)));
+        }
+        let holes: Vec<u64> = holes.into_iter().collect();
         let tree = self
             .tree
             .as_mut()
@@ -712,6 +731,7 @@ impl NodeState {
         }
         self.dirty_bytes = 0;
         self.holes.clear();
+        self.cut_from = None;
         self.meta_dirty = false;
     }
 

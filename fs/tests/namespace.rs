@@ -369,3 +369,35 @@ fn allocation_reports_holes_and_data() {
     );
     assert_eq!(fs.read(fh, 4096, 4096).unwrap(), vec![0u8; 4096]);
 }
+
+/// Found by the git test in a mount: a file in a directory created moments ago
+/// was truncated and partly rewritten before the directory was committed.
+#[test]
+fn truncate_and_rewrite_in_a_new_directory_keeps_only_the_new_bytes() {
+    let domain = Domain::new();
+    let expected = {
+        let fs = domain.mount(FsConfig::default());
+        let d = fs.mkdir(&root(), R, b"d", 0o755, 0).unwrap().ino;
+        let (attr, fh) = fs.create(&root(), d, b"f", 0o644, 0, libc::O_RDWR).unwrap();
+        fs.write(fh, 0, &[0xAA; 5000]).unwrap();
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        let fh = fs
+            .open(&root(), attr.ino, libc::O_RDWR | libc::O_TRUNC)
+            .unwrap();
+        fs.write(fh, 0, b"changed\n").unwrap();
+        // Growing again must not bring the old bytes back.
+        fs.write(fh, 4096, b"!").unwrap();
+        let mut expected = b"changed\n".to_vec();
+        expected.resize(4096, 0);
+        expected.push(b'!');
+        assert_eq!(fs.read(fh, 0, 10_000).unwrap(), expected);
+        fs.flush(fh).unwrap();
+        fs.release(fh).unwrap();
+        expected
+    };
+    let fs = domain.mount(FsConfig::default());
+    let f = fs.resolve(&root(), "/d/f").unwrap();
+    let fh = fs.open(&root(), f, libc::O_RDONLY).unwrap();
+    assert_eq!(fs.read(fh, 0, 10_000).unwrap(), expected);
+}
