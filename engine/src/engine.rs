@@ -36,6 +36,10 @@ pub struct EngineConfig {
     /// of the write traffic. Frequent checkpoints also let compaction reclaim
     /// (and reuse) dead segments sooner.
     pub checkpoint_bytes: u64,
+    /// Read records through the page cache (a second, buffered descriptor per
+    /// segment) instead of O_DIRECT: the kernel then caches hot sectors outside
+    /// the process. Off by default, so the engine's benchmarks measure the device.
+    pub buffered_reads: bool,
 }
 
 impl EngineConfig {
@@ -52,6 +56,7 @@ impl EngineConfig {
             chunk_bytes: 2 << 20,
             direct_io: true,
             checkpoint_bytes: 256 << 20,
+            buffered_reads: false,
         }
     }
 

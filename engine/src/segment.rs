@@ -70,6 +70,9 @@ pub(crate) fn list_spares(shard_dir: &Path) -> Result<Vec<(PathBuf, u64)>, Engin
 pub(crate) struct Segment {
     pub id: u32,
     pub file: Arc<File>,
+    /// A second, buffered descriptor for reads through the page cache, opened on
+    /// first use when the engine is configured for buffered reads.
+    pub reader: Option<Arc<File>>,
     /// Bytes allocated on disk.
     pub size: u64,
     /// Bytes written into the segment: the end of its last chunk.
@@ -126,10 +129,26 @@ impl Segment {
         Ok(Segment {
             id,
             file: Arc::new(file),
+            reader: None,
             size,
             written: 0,
             live_bytes: 0,
         })
+    }
+
+    /// The buffered read descriptor, opened on first use. Direct writes through
+    /// `file` invalidate the page cache over what they write, so reads through it
+    /// never see stale blocks.
+    pub fn reader(&mut self, shard_dir: &Path) -> Result<Arc<File>, EngineError> {
+        if let Some(reader) = &self.reader {
+            return Ok(reader.clone());
+        }
+        let path = segment_path(shard_dir, self.id);
+        let reader = Arc::new(
+            File::open(&path).map_err(EngineError::io("opening segment for reads", &path))?,
+        );
+        self.reader = Some(reader.clone());
+        Ok(reader)
     }
 
     /// Gives back the allocated space past what was written, once no more will be.
@@ -179,6 +198,7 @@ impl Segment {
         Ok(Segment {
             id,
             file: Arc::new(file),
+            reader: None,
             size,
             written: size,
             live_bytes: 0,

@@ -91,6 +91,8 @@ struct Pending {
 
 /// Changed files that force a commit of the pending namespace changes.
 const PENDING_NODES: usize = 1024;
+/// New files up to this many buffered bytes wait for the staged commit on close.
+const SMALL_NEW_FILE: usize = 64 * 1024;
 /// The longest a namespace change waits before it is committed.
 pub const PENDING_AGE: Duration = Duration::from_secs(1);
 
@@ -1519,11 +1521,24 @@ impl FileSystem {
 
     /// Commits `node`'s buffered writes; first the staged namespace changes when
     /// its directories are new, so the store can later check its readcap chain.
-    fn commit_file(&self, node: &NodeRef) -> FsResult<()> {
-        if self.ancestors_created(node) {
+    fn commit_file(&self, node_ref: &NodeRef) -> FsResult<()> {
+        {
+            let node = lock(node_ref);
+            if !node.stored && node.dirty_bytes() <= SMALL_NEW_FILE {
+                // A small new file goes to the store with its directory entry, in
+                // the next commit of the staged changes; one removed before then
+                // never reaches the store.
+                let ino = node.ino;
+                drop(node);
+                self.stage_inos(&[ino], Vec::new());
+                self.after_change();
+                return Ok(());
+            }
+        }
+        if self.ancestors_created(node_ref) {
             self.commit_pending()?;
         }
-        let mut node = lock(node);
+        let mut node = lock(node_ref);
         self.commit(&mut node)
     }
 

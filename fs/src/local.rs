@@ -15,12 +15,22 @@ pub const SECTORS_DIR: &str = "sectors";
 /// The generation number of a standalone store.
 pub const LOCAL_GENERATION: u64 = 1;
 
+/// The engine's configuration for a local store: reads go through the page
+/// cache, which then serves as the second-level cache of sealed sectors (outside
+/// the daemon's memory), as the lower file system's cache does for gocryptfs.
+fn engine_config(dir: std::path::PathBuf) -> EngineConfig {
+    EngineConfig {
+        buffered_reads: true,
+        ..EngineConfig::new(dir)
+    }
+}
+
 /// Opens the sector store in `data/sectors`, creating it on first use with the
 /// runtime writecap's path as the generation's directory.
 pub fn open_service(data: &Path, creds: &dyn CredStore) -> FsResult<Arc<DirectService>> {
     let dir = data.join(SECTORS_DIR);
     let service = if DirectService::exists(&dir) {
-        DirectService::open(&dir, EngineConfig::new)?
+        DirectService::open(&dir, engine_config)?
     } else {
         let path = creds
             .writecap()
@@ -34,7 +44,7 @@ pub fn open_service(data: &Path, creds: &dyn CredStore) -> FsResult<Arc<DirectSe
             generation: LOCAL_GENERATION,
             directory: path,
         };
-        DirectService::create(&dir, info, EngineConfig::new)?
+        DirectService::create(&dir, info, engine_config)?
     };
     Ok(Arc::new(service))
 }

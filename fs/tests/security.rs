@@ -199,7 +199,8 @@ fn subscribers_hear_of_every_committed_sector() {
         .unwrap();
     let events = fs.subscribe(attr.ino);
     fs.write(fh, 0, &vec![1u8; 3 * 4096]).unwrap();
-    fs.flush(fh).unwrap();
+    // Notifications come when a write is committed: fsync commits.
+    fs.fsync(fh, false).unwrap();
     let ids: Vec<SectorId> = events.try_iter().collect();
     let data: Vec<_> = ids
         .iter()

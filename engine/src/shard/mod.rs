@@ -570,11 +570,21 @@ impl Shard {
             let _ = reply.send(Ok(None));
             return;
         };
-        let Some(segment) = self.segments.get(&loc.segment) else {
+        let Some(segment) = self.segments.get_mut(&loc.segment) else {
             let _ = reply.send(Err(EngineError::Corrupt(id)));
             return;
         };
-        let fd = segment.file.as_raw_fd();
+        let fd = if self.config.buffered_reads {
+            match segment.reader(&self.dir) {
+                Ok(reader) => reader.as_raw_fd(),
+                Err(error) => {
+                    tracing::warn!("buffered read descriptor: {error}; reading directly");
+                    segment.file.as_raw_fd()
+                }
+            }
+        } else {
+            segment.file.as_raw_fd()
+        };
         let start = loc.offset & !(BLOCK as u64 - 1);
         let end = align_up(
             (loc.offset as usize) + RECORD_HEADER_LEN + loc.len as usize,
