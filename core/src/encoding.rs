@@ -37,6 +37,12 @@ pub enum Kind {
     MetaSecrets = 9,
     /// A [`crate::merkle::MerkleProof`].
     MerkleProof = 10,
+    /// A TPM credential store's runtime file: TPM-wrapped key blobs, public keys,
+    /// writecap (feature `tpm`).
+    TpmRuntimeCreds = 11,
+    /// A TPM credential store's root credentials, sealed by the TPM under the root
+    /// password (feature `tpm`).
+    TpmRootCreds = 12,
 }
 
 impl Kind {
@@ -53,6 +59,8 @@ impl Kind {
             RevocationList,
             MetaSecrets,
             MerkleProof,
+            TpmRuntimeCreds,
+            TpmRootCreds,
         ]
         .into_iter()
         .find(|kind| *kind as u8 == byte)

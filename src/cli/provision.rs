@@ -6,8 +6,15 @@
 //! design's provisioning procedure; the checks that matter (signatures, scopes,
 //! expiry, which store an export is for) are core's, and their errors are reported
 //! as they are.
+//!
+//! A store is a directory: a file store, or a TPM store (`--store tpm:TCTI`, built
+//! with the `tpm` feature) whose keys live in a TPM and whose directory holds only
+//! what the TPM wrapped, a cookie and the sealed root. A directory is opened as
+//! whichever kind of store it holds.
 
 use anyhow::{Context, Result, anyhow, bail};
+#[cfg(feature = "tpm")]
+use blocktree_core::credstore::tpm::{Tcti, TpmCredStore};
 use blocktree_core::credstore::{
     CredStore, CredStoreError, ExportedRoot, FileCredStore, RuntimeSigner,
 };
@@ -18,6 +25,7 @@ use blocktree_core::time::Timestamp;
 use blocktree_core::writecap::{RevocationList, Writecap, WritecapError};
 use blocktree_core::{BtPath, PrincipalId};
 use clap::{Args, Subcommand};
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -55,6 +63,18 @@ Backing up the root credentials into another store:
   blocktree provision storage-key --store backup --out backup.storage-key
   blocktree provision export-root --store operator --to backup.storage-key --out root.export
   blocktree provision import-root --store backup --from root.export
+
+Keeping the keys in a TPM 2.0 (a blocktree built with the `tpm` feature): give the TPM as \
+--store tpm:TCTI and the store's directory as --tpm-state DIR, e.g.
+
+  blocktree provision new-runtime --store tpm:device:/dev/tpmrm0 --tpm-state server
+  blocktree provision new-runtime --store tpm:swtpm:host=127.0.0.1,port=2321 --tpm-state server
+
+and afterwards either the same two options or just --store server (the directory remembers \
+its TPM). TCTIs: device:PATH (/dev/tpmrm0, the kernel resource manager), tabrmd:[bus_name=NAME], \
+swtpm:host=HOST,port=PORT, mssim:host=HOST,port=PORT. The runtime keys never leave the TPM; using \
+them takes the cookie file in the directory (mode 0600). Root credentials are sealed by the TPM \
+under the root password: the TPM counts wrong passwords and locks out after too many.
 
 Root passwords come from --password-file (its first line), else the environment variable \
 BLOCKTREE_ROOT_PASSWORD, else a prompt on the terminal. There is no default password.";
@@ -136,13 +156,204 @@ also seals them in this store.")]
     ImportRoot(ImportRootArgs),
 }
 
-/// The `--store` option every subcommand takes.
+/// The `--store` option every subcommand takes, and `--tpm-state` beside it.
 #[derive(Debug, Args)]
 struct StoreArg {
-    /// Credential store directory (holds runtime.cred, and root.cred when the store
-    /// has root credentials; both must be mode 0600).
+    /// Credential store: a directory (a file store holds runtime.cred and, with
+    /// root credentials, root.cred, each mode 0600; a TPM store holds tpm.cred, its
+    /// cookie and tpm-root.cred), or tpm:TCTI for a store whose keys a TPM 2.0
+    /// keeps, e.g. tpm:device:/dev/tpmrm0 or tpm:swtpm:host=127.0.0.1,port=2321,
+    /// with its directory in --tpm-state. A directory named tpm:... is ./tpm:...
     #[arg(long, value_name = "DIR", default_value = DEFAULT_STORE)]
-    store: PathBuf,
+    store: String,
+    /// The directory of the TPM store given as --store tpm:TCTI [default:
+    /// ./blocktree-data/credentials]
+    #[arg(long, value_name = "DIR")]
+    tpm_state: Option<PathBuf>,
+}
+
+/// Which credential store a command works on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum StoreSpec {
+    /// A directory: a file store, or a TPM store reopened on the TPM it names.
+    Dir(PathBuf),
+    /// A TPM store in `dir` on the TPM at `tcti`.
+    Tpm {
+        /// The TCTI, e.g. `device:/dev/tpmrm0`.
+        tcti: String,
+        /// The store's directory.
+        dir: PathBuf,
+    },
+}
+
+impl fmt::Display for StoreSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreSpec::Dir(dir) => write!(f, "{}", dir.display()),
+            StoreSpec::Tpm { tcti, dir } => write!(f, "{} (TPM at {tcti})", dir.display()),
+        }
+    }
+}
+
+impl StoreArg {
+    fn spec(&self) -> Result<StoreSpec> {
+        match (self.store.strip_prefix("tpm:"), &self.tpm_state) {
+            (Some(tcti), state) => Ok(StoreSpec::Tpm {
+                tcti: tcti.to_owned(),
+                dir: state
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_STORE)),
+            }),
+            (None, None) => Ok(StoreSpec::Dir(PathBuf::from(&self.store))),
+            (None, Some(_)) => bail!(
+                "--tpm-state goes with --store tpm:TCTI; for a store directory, give it as --store DIR"
+            ),
+        }
+    }
+}
+
+/// The file that marks a TPM store's directory (core's `TpmCredStore` writes it),
+/// so that a build without TPM support can say what it found.
+#[cfg(not(feature = "tpm"))]
+const TPM_STORE_FILE: &str = "tpm.cred";
+
+/// What a build without TPM support says about a TPM store at `spec`.
+#[cfg(not(feature = "tpm"))]
+fn no_tpm_support(spec: &StoreSpec) -> anyhow::Error {
+    let what = match spec {
+        StoreSpec::Dir(dir) => format!("{} is a TPM credential store", dir.display()),
+        StoreSpec::Tpm { tcti, .. } => {
+            format!("--store tpm:{tcti} asks for a TPM credential store")
+        }
+    };
+    anyhow!(
+        "{what}, and this blocktree was built without TPM support (build it with \
+         `--features tpm`, which needs libtss2-dev)"
+    )
+}
+
+/// An open credential store of either kind, and what keeps its keys.
+pub(crate) struct Store {
+    inner: Box<dyn CredStore>,
+    kept_by: String,
+}
+
+impl Store {
+    fn file(store: FileCredStore) -> Store {
+        let kept_by = format!("files in {} (mode 0600)", store.dir().display());
+        Store {
+            inner: Box::new(store),
+            kept_by,
+        }
+    }
+
+    #[cfg(feature = "tpm")]
+    fn tpm(store: TpmCredStore) -> Store {
+        let kept_by = format!(
+            "the TPM at {} (cookie in {})",
+            store.tcti(),
+            store.dir().join("cookie").display()
+        );
+        Store {
+            inner: Box::new(store),
+            kept_by,
+        }
+    }
+
+    /// Where the runtime keys are, for reports.
+    pub(crate) fn kept_by(&self) -> &str {
+        &self.kept_by
+    }
+}
+
+/// For the services that share a store between threads (`up`, `mount`).
+impl From<Store> for std::sync::Arc<dyn CredStore> {
+    fn from(store: Store) -> Self {
+        std::sync::Arc::from(store.inner)
+    }
+}
+
+impl std::ops::Deref for Store {
+    type Target = dyn CredStore;
+
+    fn deref(&self) -> &(dyn CredStore + 'static) {
+        &*self.inner
+    }
+}
+
+impl std::ops::DerefMut for Store {
+    fn deref_mut(&mut self) -> &mut (dyn CredStore + 'static) {
+        &mut *self.inner
+    }
+}
+
+/// Opens the store `spec` names, of either kind.
+pub(crate) fn open_store(spec: &StoreSpec) -> Result<Store> {
+    match spec {
+        #[cfg(feature = "tpm")]
+        StoreSpec::Dir(dir) if TpmCredStore::exists_in(dir) => {
+            quiet_tss_logging();
+            Ok(Store::tpm(TpmCredStore::open(dir)?))
+        }
+        #[cfg(not(feature = "tpm"))]
+        StoreSpec::Dir(dir) if dir.join(TPM_STORE_FILE).exists() => Err(no_tpm_support(spec)),
+        StoreSpec::Dir(dir) => Ok(Store::file(FileCredStore::open(dir)?)),
+        #[cfg(feature = "tpm")]
+        StoreSpec::Tpm { tcti, dir } => {
+            let tcti: Tcti = tcti.parse()?;
+            quiet_tss_logging();
+            Ok(Store::tpm(TpmCredStore::open_with(dir, &tcti)?))
+        }
+        #[cfg(not(feature = "tpm"))]
+        StoreSpec::Tpm { .. } => Err(no_tpm_support(spec)),
+    }
+}
+
+/// Creates the store `spec` names: a file store for a directory, a TPM store for
+/// `tpm:TCTI`.
+pub(crate) fn create_store(spec: &StoreSpec) -> Result<Store> {
+    match spec {
+        StoreSpec::Dir(dir) => Ok(Store::file(FileCredStore::create(dir)?)),
+        #[cfg(feature = "tpm")]
+        StoreSpec::Tpm { tcti, dir } => {
+            let tcti: Tcti = tcti.parse()?;
+            quiet_tss_logging();
+            Ok(Store::tpm(TpmCredStore::create(dir, &tcti)?))
+        }
+        #[cfg(not(feature = "tpm"))]
+        StoreSpec::Tpm { .. } => Err(no_tpm_support(spec)),
+    }
+}
+
+/// Whether a failed [`open_store`] found no store there yet.
+pub(crate) fn is_not_found(error: &anyhow::Error) -> bool {
+    matches!(
+        error.downcast_ref::<CredStoreError>(),
+        Some(CredStoreError::NotFound(_))
+    )
+}
+
+/// Silences the TSS2 libraries' own diagnostics on stderr (`TSS2_LOG`), unless
+/// the user set `TSS2_LOG`: every failure is reported as one `error:` line, and
+/// the TSS's lines about the same failure would only bury it.
+#[cfg(feature = "tpm")]
+fn quiet_tss_logging() {
+    if std::env::var_os("TSS2_LOG").is_some() {
+        return;
+    }
+    // Only while this process has a single thread: setting a variable races with
+    // any other thread reading the environment.
+    let single_threaded = std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .any(|line| line.split_whitespace().eq(["Threads:", "1"]))
+    });
+    if single_threaded {
+        // SAFETY: this process has one thread (checked just above, and nothing
+        // on this thread starts another in between), so no other thread can be
+        // reading or writing the environment while it changes.
+        unsafe { std::env::set_var("TSS2_LOG", "all+none") };
+    }
 }
 
 /// The `--password-file` option of subcommands that use the root password.
@@ -298,18 +509,18 @@ fn unwrap_writecap_error(error: CredStoreError) -> anyhow::Error {
 }
 
 fn new_root(args: NewRootArgs) -> Result<()> {
-    let dir = &args.store.store;
+    let spec = args.store.spec()?;
     // Refuse before asking for a password: typing one twice to learn the store
     // already has a root would be a poor welcome.
-    let existing = match FileCredStore::open(dir) {
+    let existing = match open_store(&spec) {
         Ok(store) => {
             if let Some(root) = store.root_public() {
                 return Err(CredStoreError::RootExists(root.principal()).into());
             }
             Some(store)
         }
-        Err(CredStoreError::NotFound(_)) => None,
-        Err(error) => return Err(error.into()),
+        Err(error) if is_not_found(&error) => None,
+        Err(error) => return Err(error),
     };
     let password = password::require(
         args.password.password_file.as_deref(),
@@ -319,12 +530,12 @@ fn new_root(args: NewRootArgs) -> Result<()> {
     let created = existing.is_none();
     let mut store = match existing {
         Some(store) => store,
-        None => FileCredStore::create(dir)?,
+        None => create_store(&spec)?,
     };
     let root = store.generate_root(&password)?;
     let mut report = Report::new();
     report
-        .field("credential store", dir.display())
+        .field("credential store", &spec)
         .field(
             "store",
             if created {
@@ -340,17 +551,19 @@ fn new_root(args: NewRootArgs) -> Result<()> {
 }
 
 fn new_runtime(args: NewRuntimeArgs) -> Result<()> {
-    let store = FileCredStore::create(&args.store.store)?;
+    let spec = args.store.spec()?;
+    let store = create_store(&spec)?;
     let mut report = Report::new();
     report
-        .field("credential store", args.store.store.display())
+        .field("credential store", &spec)
+        .field("keys kept by", store.kept_by())
         .field("runtime principal", store.principal());
     report.print()
 }
 
 fn request(args: RequestArgs) -> Result<()> {
-    let store = FileCredStore::open(&args.store.store)?;
-    let request = WritecapRequest::new(&store, args.path.clone())?;
+    let store = open_store(&args.store.spec()?)?;
+    let request = WritecapRequest::new(&*store, args.path.clone())?;
     write_file(
         &args.out,
         &encoding::encode(&request),
@@ -407,7 +620,8 @@ impl ExpiryArgs {
 }
 
 fn approve(args: ApproveArgs) -> Result<()> {
-    let store = FileCredStore::open(&args.store.store)?;
+    let spec = args.store.spec()?;
+    let store = open_store(&spec)?;
     let request: WritecapRequest = read_encoded(&args.request, "writecap request")?;
     request
         .verify()
@@ -424,11 +638,11 @@ fn approve(args: ApproveArgs) -> Result<()> {
         (_, Some(writecap)) => Approver::Runtime(writecap),
         (Some(_), None) => bail!(
             "--as-runtime: the runtime in {} has no writecap to delegate from",
-            args.store.store.display()
+            &spec
         ),
         (None, None) => bail!(
             "{} holds neither root credentials nor a writecap, so it cannot approve requests",
-            args.store.store.display()
+            &spec
         ),
     };
     let now = Timestamp::now();
@@ -456,7 +670,7 @@ fn approve(args: ApproveArgs) -> Result<()> {
             let expires = args.expiry.resolve(now, own.expires())?;
             let writecap = provision::approve(
                 &request,
-                &RuntimeSigner(&store),
+                &RuntimeSigner(&*store),
                 Some(own),
                 Some(path),
                 expires,
@@ -490,7 +704,8 @@ fn approve(args: ApproveArgs) -> Result<()> {
 }
 
 fn import(args: ImportArgs) -> Result<()> {
-    let mut store = FileCredStore::open(&args.store.store)?;
+    let spec = args.store.spec()?;
+    let mut store = open_store(&spec)?;
     let writecap: Writecap = read_encoded(&args.writecap, "writecap")?;
     let replaced = store.writecap().and_then(Writecap::path).cloned();
     store
@@ -498,7 +713,7 @@ fn import(args: ImportArgs) -> Result<()> {
         .map_err(unwrap_writecap_error)
         .with_context(|| format!("cannot import the writecap in {}", args.writecap.display()))?;
     let mut report = Report::new();
-    report.field("imported into", args.store.store.display());
+    report.field("imported into", &spec);
     if let Some(path) = writecap.path() {
         report.field("path", path);
     }
@@ -512,10 +727,12 @@ fn import(args: ImportArgs) -> Result<()> {
 }
 
 fn show(args: ShowArgs) -> Result<()> {
-    let store = FileCredStore::open(&args.store.store)?;
+    let spec = args.store.spec()?;
+    let store = open_store(&spec)?;
     let mut report = Report::new();
     report
-        .field("credential store", args.store.store.display())
+        .field("credential store", &spec)
+        .field("keys kept by", store.kept_by())
         .field("runtime principal", store.principal())
         .field(
             "signing key",
@@ -592,7 +809,8 @@ fn read_storage_key(path: &Path) -> Result<EncryptionPublicKey> {
 }
 
 fn storage_key(args: StorageKeyArgs) -> Result<()> {
-    let store = FileCredStore::open(&args.store.store)?;
+    let spec = args.store.spec()?;
+    let store = open_store(&spec)?;
     let key = store.storage_public_key();
     write_file(
         &args.out,
@@ -603,13 +821,14 @@ fn storage_key(args: StorageKeyArgs) -> Result<()> {
     let mut report = Report::new();
     report
         .field("storage key", key_text(key.as_sec1()))
-        .field("of store", args.store.store.display())
+        .field("of store", &spec)
         .field("written to", args.out.display());
     report.print()
 }
 
 fn export_root(args: ExportRootArgs) -> Result<()> {
-    let store = FileCredStore::open(&args.store.store)?;
+    let spec = args.store.spec()?;
+    let store = open_store(&spec)?;
     let root = store.root_public().ok_or(CredStoreError::NoRoot)?;
     let receiver = read_storage_key(&args.to)?;
     let password = password::require(
@@ -633,7 +852,8 @@ fn export_root(args: ExportRootArgs) -> Result<()> {
 }
 
 fn import_root(args: ImportRootArgs) -> Result<()> {
-    let mut store = FileCredStore::open(&args.store.store)?;
+    let spec = args.store.spec()?;
+    let mut store = open_store(&spec)?;
     let exported: ExportedRoot = read_encoded(&args.from, "exported root credentials file")?;
     if let Some(existing) = store.root_public() {
         return Err(CredStoreError::RootExists(existing.principal()).into());
@@ -651,7 +871,7 @@ fn import_root(args: ImportRootArgs) -> Result<()> {
     })?;
     let mut report = Report::new();
     report
-        .field("imported into", args.store.store.display())
+        .field("imported into", &spec)
         .field("root principal", root.principal())
         .field("domain root path", BtPath::root_of(root.principal()));
     report.print()

@@ -60,9 +60,10 @@ impl Encodable for RootFile {
     const MAX_LEN: usize = 16 * 1024;
 }
 
-/// The root private keys, only ever in memory or sealed.
+/// The root private keys, only ever in memory or sealed. The TPM store seals the
+/// same bytes, so an export opens in either kind of store.
 #[derive(Serialize, Deserialize, Zeroize, ZeroizeOnDrop)]
-struct RootSecrets {
+pub(super) struct RootSecrets {
     #[serde(with = "serde_bytes")]
     signing_pkcs8: Vec<u8>,
     #[serde(with = "serde_bytes")]
@@ -70,19 +71,37 @@ struct RootSecrets {
 }
 
 impl RootSecrets {
-    fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
+    /// Fresh root keys and their public halves.
+    pub(super) fn generate() -> Result<(RootPublicKeys, RootSecrets), CredStoreError> {
+        let signing = SigningKeyPair::generate()?;
+        let encryption = EncryptionKeyPair::generate()?;
+        let public = RootPublicKeys {
+            signing: *signing.public(),
+            encryption: *encryption.public(),
+        };
+        let secrets = RootSecrets {
+            signing_pkcs8: signing.to_pkcs8()?.to_vec(),
+            encryption_scalar: encryption.to_scalar()?.to_vec(),
+        };
+        Ok((public, secrets))
+    }
+
+    pub(super) fn to_bytes(&self) -> Zeroizing<Vec<u8>> {
         match postcard::to_allocvec(self) {
             Ok(bytes) => Zeroizing::new(bytes),
             Err(error) => unreachable!("serializing root secrets failed: {error}"),
         }
     }
 
-    fn from_bytes(bytes: &[u8]) -> Option<RootSecrets> {
+    pub(super) fn from_bytes(bytes: &[u8]) -> Option<RootSecrets> {
         postcard::from_bytes(bytes).ok()
     }
 
     /// The key pairs, checked against the public keys they claim to be.
-    fn keys(&self, public: &RootPublicKeys) -> Option<(SigningKeyPair, EncryptionKeyPair)> {
+    pub(super) fn keys(
+        &self,
+        public: &RootPublicKeys,
+    ) -> Option<(SigningKeyPair, EncryptionKeyPair)> {
         let signing = SigningKeyPair::from_pkcs8(&self.signing_pkcs8).ok()?;
         let encryption = EncryptionKeyPair::from_scalar(&self.encryption_scalar).ok()?;
         (signing.public() == &public.signing && encryption.public() == &public.encryption)
@@ -110,14 +129,14 @@ impl std::fmt::Debug for FileCredStore {
     }
 }
 
-fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CredStoreError + '_ {
+pub(super) fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CredStoreError + '_ {
     move |source| CredStoreError::Io {
         path: path.to_owned(),
         source,
     }
 }
 
-fn corrupt(file: &Path, reason: impl ToString) -> CredStoreError {
+pub(super) fn corrupt(file: &Path, reason: impl ToString) -> CredStoreError {
     CredStoreError::Corrupt {
         file: file.to_owned(),
         reason: reason.to_string(),
@@ -125,7 +144,7 @@ fn corrupt(file: &Path, reason: impl ToString) -> CredStoreError {
 }
 
 /// Replaces `path` with `bytes` atomically, mode 0600.
-fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CredStoreError> {
+pub(super) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CredStoreError> {
     let temporary = path.with_extension("tmp");
     let _ = fs::remove_file(&temporary);
     let mut file = OpenOptions::new()
@@ -146,7 +165,7 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), CredStoreError> {
 }
 
 /// Reads a store file, refusing one that others can access.
-fn read_private(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>, CredStoreError> {
+pub(super) fn read_private(path: &Path) -> Result<Option<Zeroizing<Vec<u8>>>, CredStoreError> {
     let metadata = match fs::metadata(path) {
         Ok(metadata) => metadata,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -302,10 +321,79 @@ impl FileCredStore {
     }
 }
 
-fn root_aad(context: &[u8], public: &RootPublicKeys) -> Vec<u8> {
+pub(super) fn root_aad(context: &[u8], public: &RootPublicKeys) -> Vec<u8> {
     let mut aad = context.to_vec();
     aad.extend_from_slice(public.principal().as_bytes());
     aad
+}
+
+/// Wraps `secrets` for the store whose storage key is `receiver`: HPKE to that
+/// key inside AES-256-GCM under a key derived from `password` with `kdf`.
+pub(super) fn seal_export(
+    kdf: &KdfParams,
+    password: &str,
+    public: RootPublicKeys,
+    secrets: &RootSecrets,
+    receiver: &EncryptionPublicKey,
+) -> Result<ExportedRoot, CredStoreError> {
+    let inner = hpke::seal(
+        receiver,
+        EXPORT_INFO,
+        public.principal().as_bytes(),
+        &secrets.to_bytes(),
+    )?;
+    let inner = match postcard::to_allocvec(&inner) {
+        Ok(bytes) => bytes,
+        Err(error) => unreachable!("serializing an HPKE ciphertext failed: {error}"),
+    };
+    let mut salt = [0u8; 16];
+    random_fill(&mut salt)?;
+    let key = kdf.derive(password, &salt)?;
+    let outer = key.seal(&root_aad(EXPORT_OUTER_AAD, &public), &inner)?;
+    Ok(ExportedRoot {
+        public,
+        kdf: *kdf,
+        salt,
+        outer: serde_bytes::ByteBuf::from(outer),
+    })
+}
+
+/// Opens both layers of `exported` with `password` and the receiving store's
+/// storage key (`storage`, whose Diffie-Hellman step is `diffie_hellman`), and
+/// checks the keys inside are the ones the export names.
+pub(super) fn open_export(
+    password: &str,
+    exported: &ExportedRoot,
+    storage: &EncryptionPublicKey,
+    diffie_hellman: impl FnOnce(&EncryptionPublicKey) -> Result<Zeroizing<[u8; 32]>, CredStoreError>,
+) -> Result<RootSecrets, CredStoreError> {
+    let key = exported.kdf.derive(password, &exported.salt)?;
+    let inner = key
+        .open(
+            &root_aad(EXPORT_OUTER_AAD, &exported.public),
+            &exported.outer,
+        )
+        .map_err(|_| CredStoreError::WrongPassword)?;
+    let inner: HpkeSealed =
+        postcard::from_bytes(&inner).map_err(|_| CredStoreError::NotForThisStore)?;
+    let plaintext = hpke::open::<CredStoreError>(
+        storage,
+        diffie_hellman,
+        &inner,
+        EXPORT_INFO,
+        exported.public.principal().as_bytes(),
+    )
+    .map_err(|error| match error {
+        // The receiving store itself failed (a TPM that is gone, say): say so
+        // rather than blame the export.
+        CredStoreError::Tpm(_) | CredStoreError::WrongCookie(_) => error,
+        _ => CredStoreError::NotForThisStore,
+    })?;
+    let secrets = RootSecrets::from_bytes(&plaintext).ok_or(CredStoreError::NotForThisStore)?;
+    secrets
+        .keys(&exported.public)
+        .ok_or(CredStoreError::NotForThisStore)?;
+    Ok(secrets)
 }
 
 impl CredStore for FileCredStore {
@@ -364,16 +452,7 @@ impl CredStore for FileCredStore {
         if let Some(existing) = self.root_public() {
             return Err(CredStoreError::RootExists(existing.principal()));
         }
-        let signing = SigningKeyPair::generate()?;
-        let encryption = EncryptionKeyPair::generate()?;
-        let public = RootPublicKeys {
-            signing: *signing.public(),
-            encryption: *encryption.public(),
-        };
-        let secrets = RootSecrets {
-            signing_pkcs8: signing.to_pkcs8()?.to_vec(),
-            encryption_scalar: encryption.to_scalar()?.to_vec(),
-        };
+        let (public, secrets) = RootSecrets::generate()?;
         let root = self.seal_root(public, &secrets, password)?;
         self.store_root(root)
     }
@@ -393,26 +472,7 @@ impl CredStore for FileCredStore {
         receiver: &EncryptionPublicKey,
     ) -> Result<ExportedRoot, CredStoreError> {
         let (public, secrets) = self.unseal_root(password)?;
-        let inner = hpke::seal(
-            receiver,
-            EXPORT_INFO,
-            public.principal().as_bytes(),
-            &secrets.to_bytes(),
-        )?;
-        let inner = match postcard::to_allocvec(&inner) {
-            Ok(bytes) => bytes,
-            Err(error) => unreachable!("serializing an HPKE ciphertext failed: {error}"),
-        };
-        let mut salt = [0u8; 16];
-        random_fill(&mut salt)?;
-        let key = self.kdf.derive(password, &salt)?;
-        let outer = key.seal(&root_aad(EXPORT_OUTER_AAD, &public), &inner)?;
-        Ok(ExportedRoot {
-            public,
-            kdf: self.kdf,
-            salt,
-            outer: serde_bytes::ByteBuf::from(outer),
-        })
+        seal_export(&self.kdf, password, public, &secrets, receiver)
     }
 
     fn import_root(
@@ -423,27 +483,9 @@ impl CredStore for FileCredStore {
         if let Some(existing) = self.root_public() {
             return Err(CredStoreError::RootExists(existing.principal()));
         }
-        let key = exported.kdf.derive(password, &exported.salt)?;
-        let inner = key
-            .open(
-                &root_aad(EXPORT_OUTER_AAD, &exported.public),
-                &exported.outer,
-            )
-            .map_err(|_| CredStoreError::WrongPassword)?;
-        let inner: HpkeSealed =
-            postcard::from_bytes(&inner).map_err(|_| CredStoreError::NotForThisStore)?;
-        let plaintext = hpke::open::<CredStoreError>(
-            self.storage.public(),
-            |enc| Ok(self.storage.diffie_hellman(enc)?),
-            &inner,
-            EXPORT_INFO,
-            exported.public.principal().as_bytes(),
-        )
-        .map_err(|_| CredStoreError::NotForThisStore)?;
-        let secrets = RootSecrets::from_bytes(&plaintext).ok_or(CredStoreError::NotForThisStore)?;
-        secrets
-            .keys(&exported.public)
-            .ok_or(CredStoreError::NotForThisStore)?;
+        let secrets = open_export(password, exported, self.storage.public(), |enc| {
+            Ok(self.storage.diffie_hellman(enc)?)
+        })?;
         let root = self.seal_root(exported.public, &secrets, password)?;
         self.store_root(root)
     }

@@ -5,7 +5,7 @@
 //! credentials, and the writecap it was issued) and optionally a domain's root
 //! credentials, protected by a password. Callers ask it to sign or to open HPKE
 //! ciphertexts; private keys stay inside. [`FileCredStore`] keeps them in files;
-//! a TPM store (issue #8) will keep them in a TPM.
+//! `tpm::TpmCredStore` (feature `tpm`) keeps them in a TPM 2.0.
 //!
 //! Root credentials move between stores only as an [`ExportedRoot`]: an inner
 //! layer of HPKE to the receiving store's storage key, inside an outer layer of
@@ -14,6 +14,8 @@
 
 mod file;
 mod password;
+#[cfg(feature = "tpm")]
+pub mod tpm;
 
 pub use file::FileCredStore;
 pub use password::KdfParams;
@@ -90,6 +92,19 @@ pub enum CredStoreError {
     /// A password parameter outside the accepted range.
     #[error("key derivation parameters: {0}")]
     KdfParams(String),
+    /// The store's cookie (the auth value of its TPM keys) is not theirs.
+    #[error(
+        "the cookie in {0} is not the one this store's TPM keys were created with, and the TPM refuses them without it"
+    )]
+    WrongCookie(PathBuf),
+    /// The TPM is in dictionary-attack lockout and refuses password attempts.
+    #[error(
+        "the TPM refuses password attempts for now: too many wrong passwords put it in dictionary-attack lockout (it lifts after the TPM's recovery time; `tpm2_dictionarylockout --clear-lockout` lifts it with the lockout authorization)"
+    )]
+    TpmLockout,
+    /// The TPM, or the way to it, failed.
+    #[error("TPM: {0}")]
+    Tpm(String),
 }
 
 impl From<CredStoreError> for CryptoError {
