@@ -1282,25 +1282,15 @@ impl FileSystem {
                     if let Some(entries) = new_dir.dir.as_mut() {
                         entries.replace(new_name, source);
                     }
-                    if !same_dir {
-                        self.move_between(
-                            &mut old_dir,
-                            new_guard.as_deref_mut(),
-                            &mut source_node,
-                            true,
-                        )?;
-                        self.move_between_reverse(
-                            &mut old_dir,
-                            new_guard.as_deref_mut(),
-                            target_node,
-                        )?;
+                    if let Some(new_dir) = new_guard.as_deref_mut() {
+                        self.move_between(&mut old_dir, new_dir, &mut source_node)?;
+                        self.move_between(new_dir, &mut old_dir, target_node)?;
                     }
                     target_node.secrets.ctime = time;
                     target_node.meta_dirty = true;
                 }
                 _ => {
-                    if let (Some(target), Some(target_node)) = (target, target_node.as_deref_mut())
-                    {
+                    if let (Some(_), Some(target_node)) = (target, target_node.as_deref_mut()) {
                         let new_dir: &mut NodeState = match new_guard.as_deref_mut() {
                             Some(dir) => dir,
                             None => &mut old_dir,
@@ -1308,7 +1298,6 @@ impl FileSystem {
                         if let Some(entries) = new_dir.dir.as_mut() {
                             entries.remove(new_name);
                         }
-                        let _ = target;
                         tombstone = self.unlink_from(new_dir, target_node)?;
                     }
                     if let Some(entries) = old_dir.dir.as_mut() {
@@ -1323,13 +1312,8 @@ impl FileSystem {
                             entries.insert(new_name, source);
                         }
                     }
-                    if !same_dir {
-                        self.move_between(
-                            &mut old_dir,
-                            new_guard.as_deref_mut(),
-                            &mut source_node,
-                            false,
-                        )?;
+                    if let Some(new_dir) = new_guard.as_deref_mut() {
+                        self.move_between(&mut old_dir, new_dir, &mut source_node)?;
                     }
                 }
             }
@@ -1402,13 +1386,9 @@ impl FileSystem {
     fn move_between(
         &self,
         old_dir: &mut NodeState,
-        new_dir: Option<&mut NodeState>,
+        new_dir: &mut NodeState,
         child: &mut NodeState,
-        _exchange: bool,
     ) -> FsResult<()> {
-        let Some(new_dir) = new_dir else {
-            return Ok(());
-        };
         let salt = child.body.salt;
         let old_ids = FileIds {
             generation: self.ctx.generation(),
@@ -1428,19 +1408,6 @@ impl FileSystem {
             new_dir.secrets.nlink += 1;
         }
         Ok(())
-    }
-
-    /// The other half of an exchange: `child` moves from `new_dir` to `old_dir`.
-    fn move_between_reverse(
-        &self,
-        old_dir: &mut NodeState,
-        new_dir: Option<&mut NodeState>,
-        child: &mut NodeState,
-    ) -> FsResult<()> {
-        let Some(new_dir) = new_dir else {
-            return Ok(());
-        };
-        self.move_between(new_dir, Some(old_dir), child, true)
     }
 
     // ----- file handles -----
