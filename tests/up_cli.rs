@@ -388,3 +388,64 @@ fn up_help_explains_what_it_does() {
         assert!(help.contains(needle), "{needle:?} missing from:\n{help}");
     }
 }
+
+/// With `--features tpm`: a domain whose server keys a TPM (swtpm) keeps. `up`
+/// creates it with `--store tpm:TCTI`, later commands find it by themselves, a
+/// contradicting `--store` is refused, and a TPM that is gone is a clear error.
+#[cfg(feature = "tpm")]
+#[test]
+fn up_keeps_the_server_keys_in_a_tpm_and_reopens_them_without_options() {
+    #[path = "../core/tests/swtpm/mod.rs"]
+    mod swtpm;
+
+    let mut tpm = swtpm::Swtpm::start();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let data = path_str(&dir.path().join("data")).to_owned();
+    let password_file = path_str(&dir.path().join("password")).to_owned();
+    fs::write(&password_file, format!("{PASSWORD}\n")).expect("password file");
+    let store = format!("tpm:{}", tpm.tcti_text());
+
+    let (first, _) = up(&[
+        "--data",
+        &data,
+        "--root-password-file",
+        &password_file,
+        "--store",
+        &store,
+    ]);
+    assert_served(&first);
+    let kept_by = field(&first, "keys kept by");
+    assert!(
+        kept_by.starts_with(&format!("the TPM at {}", tpm.tcti_text())),
+        "{first}"
+    );
+    let server = field(&first, "server principal");
+    // The directory holds what the TPM wrapped, never a private key file.
+    let credentials = dir.path().join("data/credentials");
+    assert!(credentials.join("tpm.cred").exists());
+    assert!(!credentials.join("runtime.cred").exists());
+
+    // A later start opens the TPM store as it is: same identity, no options.
+    let (second, _) = up(&["--data", &data]);
+    assert_served(&second);
+    assert_eq!(field(&second, "server principal"), server);
+    assert_eq!(field(&second, "keys kept by"), kept_by);
+    let (listed, _) = succeed(&["volume", "list", "--data", &data]);
+    assert!(listed.contains("vol0"), "{listed}");
+
+    let refused = blocktree(&["up", "--data", &data, "--store", "file"]);
+    assert!(!refused.status.success());
+    let message = text(&refused.stderr);
+    assert!(
+        message.contains("--store file") && message.contains("already holds"),
+        "{message}"
+    );
+
+    // Without its TPM the store cannot sign: `up` says which TPM it needs.
+    tpm.stop();
+    let failed = blocktree(&["up", "--data", &data, "--nbd", "127.0.0.1:0"]);
+    assert!(!failed.status.success());
+    let message = text(&failed.stderr);
+    assert!(message.contains(&tpm.tcti_text()), "{message}");
+    assert!(!message.contains("panicked"), "{message}");
+}

@@ -12,10 +12,8 @@
 mod common;
 
 use std::fs;
-use std::net::{TcpListener, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -44,105 +42,12 @@ const PKCS8_EC_PREFIX: [u8; 26] = [
 
 // ---- the swtpm harness --------------------------------------------------------
 
-/// A software TPM on two loopback ports (commands on `port`, control on
-/// `port + 1`, as the swtpm TCTI expects), its state in its own directory.
-struct Swtpm {
-    state: TempDir,
-    port: u16,
-    child: Option<Child>,
-}
+mod swtpm;
+use swtpm::Swtpm;
 
-/// Two free consecutive loopback ports, chosen at random among 20000..60000.
-fn free_port_pair() -> u16 {
-    loop {
-        let mut random = [0u8; 2];
-        random_fill(&mut random).unwrap();
-        let port = 20_000 + u16::from_le_bytes(random) % 40_000;
-        let first = TcpListener::bind(("127.0.0.1", port));
-        let second = TcpListener::bind(("127.0.0.1", port + 1));
-        if first.is_ok() && second.is_ok() {
-            return port;
-        }
-    }
-}
-
-impl Swtpm {
-    fn start() -> Swtpm {
-        let mut swtpm = Swtpm {
-            state: tempfile::tempdir().unwrap(),
-            port: 0,
-            child: None,
-        };
-        swtpm.launch(None);
-        swtpm
-    }
-
-    /// Starts swtpm on `port`, or on fresh ports; retries if another process took
-    /// the ports in between.
-    fn launch(&mut self, port: Option<u16>) {
-        for _ in 0..20 {
-            let port = port.unwrap_or_else(free_port_pair);
-            let mut child = Command::new("swtpm")
-                .arg("socket")
-                .arg("--tpm2")
-                .arg("--tpmstate")
-                .arg(format!("dir={}", self.state.path().display()))
-                .arg("--server")
-                .arg(format!("type=tcp,port={port}"))
-                .arg("--ctrl")
-                .arg(format!("type=tcp,port={}", port + 1))
-                .arg("--flags")
-                .arg("not-need-init,startup-clear")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("swtpm must be installed (apt-get install swtpm swtpm-tools)");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if child.try_wait().unwrap().is_some() {
-                    break; // lost the ports: try others
-                }
-                if TcpStream::connect(("127.0.0.1", port + 1)).is_ok() {
-                    self.port = port;
-                    self.child = Some(child);
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("swtpm did not start");
-    }
-
-    fn tcti(&self) -> Tcti {
-        format!("swtpm:host=127.0.0.1,port={}", self.port)
-            .parse()
-            .unwrap()
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Kills swtpm and starts it again on the same ports and state directory:
-    /// what a reboot does to a TPM (transient objects and sessions are gone, the
-    /// seeds stay).
-    fn restart(&mut self) {
-        self.stop();
-        let port = self.port;
-        self.launch(Some(port));
-    }
-}
-
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        self.stop();
-    }
+/// The TCTI of `tpm`, parsed.
+fn tcti_of(tpm: &Swtpm) -> Tcti {
+    tpm.tcti_text().parse().unwrap()
 }
 
 /// A TPM and a directory for a store on it.
@@ -163,7 +68,7 @@ impl Scratch {
     }
 
     fn create(&self) -> TpmCredStore {
-        TpmCredStore::create(&self.dir, &self.tpm.tcti())
+        TpmCredStore::create(&self.dir, &tcti_of(&self.tpm))
             .unwrap()
             .with_kdf_params(fast_kdf())
             .unwrap()
@@ -222,7 +127,7 @@ fn keys_made_by_the_tpm_sign_and_survive_reopening() {
         created.storage_public_key(),
         "the readcap key and the export key are distinct"
     );
-    assert_eq!(created.tcti(), &scratch.tpm.tcti());
+    assert_eq!(created.tcti(), &tcti_of(&scratch.tpm));
     assert!(created.writecap().is_none());
     assert!(created.root_public().is_none());
     let principal = created.principal();
@@ -327,7 +232,7 @@ fn create_refuses_an_existing_store_of_either_kind() {
     let scratch = Scratch::new();
     let _store = scratch.create();
     assert!(matches!(
-        TpmCredStore::create(&scratch.dir, &scratch.tpm.tcti()),
+        TpmCredStore::create(&scratch.dir, &tcti_of(&scratch.tpm)),
         Err(CredStoreError::AlreadyExists(dir)) if dir == scratch.dir
     ));
     assert!(TpmCredStore::exists_in(&scratch.dir));
@@ -335,7 +240,7 @@ fn create_refuses_an_existing_store_of_either_kind() {
     let file = file_store(&parent, "file");
     assert!(!TpmCredStore::exists_in(file.dir()));
     assert!(matches!(
-        TpmCredStore::create(file.dir(), &scratch.tpm.tcti()),
+        TpmCredStore::create(file.dir(), &tcti_of(&scratch.tpm)),
         Err(CredStoreError::AlreadyExists(_))
     ));
     assert!(matches!(
@@ -436,7 +341,7 @@ fn a_tpm_that_is_down_is_a_clear_error() {
     let message = error.to_string();
     assert!(message.contains("cannot open the TPM"), "{message}");
     assert!(
-        message.contains(&scratch.tpm.tcti().to_string()),
+        message.contains(&tcti_of(&scratch.tpm).to_string()),
         "{message}"
     );
 
@@ -456,13 +361,13 @@ fn keys_of_another_tpm_are_refused() {
     let store = scratch.create();
     drop(store);
     let other = Swtpm::start();
-    let error = TpmCredStore::open_with(&scratch.dir, &other.tcti()).unwrap_err();
+    let error = TpmCredStore::open_with(&scratch.dir, &tcti_of(&other)).unwrap_err();
     let message = error.to_string();
     assert!(matches!(error, CredStoreError::Tpm(_)), "{message}");
     assert!(message.contains("made by another TPM"), "{message}");
     assert!(message.contains("tpm.cred"), "{message}");
     // The same TPM reached explicitly is fine.
-    let store = TpmCredStore::open_with(&scratch.dir, &scratch.tpm.tcti()).unwrap();
+    let store = TpmCredStore::open_with(&scratch.dir, &tcti_of(&scratch.tpm)).unwrap();
     assert_signs_as(&store, b"same TPM");
 }
 

@@ -28,80 +28,14 @@ use tempfile::TempDir;
 
 const FIVE_SECONDS: Duration = Duration::from_secs(5);
 
-/// A software TPM on two free loopback ports (commands, then control), killed
-/// when dropped.
-struct Swtpm {
-    _state: TempDir,
-    port: u16,
-    child: Option<Child>,
-}
-
-impl Swtpm {
-    fn start() -> Swtpm {
-        let state = tempfile::tempdir().unwrap();
-        for _ in 0..20 {
-            let mut random = [0u8; 2];
-            random_fill(&mut random).unwrap();
-            let port = 20_000 + u16::from_le_bytes(random) % 40_000;
-            let free = TcpListener::bind(("127.0.0.1", port)).is_ok()
-                && TcpListener::bind(("127.0.0.1", port + 1)).is_ok();
-            if !free {
-                continue;
-            }
-            let mut child = Command::new("swtpm")
-                .args(["socket", "--tpm2", "--tpmstate"])
-                .arg(format!("dir={}", state.path().display()))
-                .arg("--server")
-                .arg(format!("type=tcp,port={port}"))
-                .arg("--ctrl")
-                .arg(format!("type=tcp,port={}", port + 1))
-                .args(["--flags", "not-need-init,startup-clear"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .expect("swtpm must be installed (apt-get install swtpm swtpm-tools)");
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline && child.try_wait().unwrap().is_none() {
-                if TcpStream::connect(("127.0.0.1", port + 1)).is_ok() {
-                    return Swtpm {
-                        _state: state,
-                        port,
-                        child: Some(child),
-                    };
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        panic!("swtpm did not start");
-    }
-
-    fn tcti(&self) -> Tcti {
-        format!("swtpm:host=127.0.0.1,port={}", self.port)
-            .parse()
-            .unwrap()
-    }
-
-    fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for Swtpm {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
+#[path = "../../core/tests/swtpm/mod.rs"]
+mod swtpm;
+use swtpm::Swtpm;
 
 /// A TPM store in `dir` on `tpm`, with a writecap for `components` approved by
 /// the domain's root.
 fn tpm_store(domain: &Domain, tpm: &Swtpm, dir: &Path, components: &[&str]) -> TpmCredStore {
-    let mut store = TpmCredStore::create(dir, &tpm.tcti()).unwrap();
+    let mut store = TpmCredStore::create(dir, &tpm.tcti_text().parse::<Tcti>().unwrap()).unwrap();
     let path = domain.path(components);
     let request = WritecapRequest::new(&store, Some(path)).unwrap();
     let now = Timestamp::now();

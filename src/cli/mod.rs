@@ -4,6 +4,7 @@
 //! command-line arguments into calls on it, and its answers into output.
 
 pub mod bench;
+pub mod domain;
 pub mod mount;
 pub mod output;
 pub mod password;
@@ -19,6 +20,12 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+
+/// `path` made absolute, so the operator can tell which directory a relative
+/// one meant.
+pub(crate) fn absolute(path: &Path) -> std::path::PathBuf {
+    fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
+}
 
 /// Reads at most `max` bytes of `path`, plus one more so an oversized file is
 /// reported as such instead of being read whole into memory.

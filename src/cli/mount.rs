@@ -7,16 +7,18 @@
 //! SIGTERM (or an external unmount), then unmounts and makes every write durable.
 
 use anyhow::{Context, Result, bail};
-use blocktree_core::credstore::{CredStore, FileCredStore};
+use blocktree_core::credstore::CredStore;
 use blocktree_fs::{FileSystem, FsConfig, local};
 use blocktree_fuse::{MountHandle, MountOptions};
 use clap::Args;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::absolute;
 use super::bench::{parse_bytes, parse_sector_size};
+use super::domain::{self, NewStoreArg};
 use super::output::Report;
-use super::up::{CREDENTIALS_DIR, check_writecap, open_or_create_store};
+use super::provision::{StoreSpec, open_store};
 use super::volume::lock_data_dir;
 
 /// The long `--help` text of `blocktree mount`.
@@ -94,6 +96,8 @@ pub struct MountArgs {
     /// domain is created).
     #[arg(long, value_name = "FILE")]
     root_password_file: Option<PathBuf>,
+    #[command(flatten)]
+    store: NewStoreArg,
     /// Mount through a running appliance at ADDRESS instead of a local store.
     /// Not built yet (issue #6).
     #[arg(long, value_name = "ADDRESS", conflicts_with_all = ["credentials", "root_password_file"])]
@@ -121,26 +125,31 @@ pub fn run(args: MountArgs) -> Result<()> {
     }
     // One process per store: `up`, `volume`, `mount` and `readcap` take this lock.
     let _lock = lock_data_dir(&args.data)?;
-    let (store, how) = match &args.credentials {
-        Some(dir) => {
-            let store = FileCredStore::open(dir)
-                .with_context(|| format!("cannot open the credential store {}", dir.display()))?;
-            (store, "given with --credentials")
-        }
-        None => open_or_create_store(&args.data, args.root_password_file.as_deref())?,
+    let domain::DomainStore { store, dir, how } = match &args.credentials {
+        Some(dir) => domain::DomainStore {
+            store: open_store(&StoreSpec::Dir(dir.clone()))
+                .with_context(|| format!("cannot open the credential store {}", dir.display()))?,
+            dir: dir.clone(),
+            how: "given with --credentials".to_owned(),
+        },
+        None => domain::open_or_create(
+            &args.data,
+            args.root_password_file.as_deref(),
+            &args.store.kind,
+        )?,
     };
     let writecap = if store.writecap().is_some() {
-        let (path, expires) = check_writecap(&store)?;
+        let (path, expires) = domain::check_writecap(&*store, &dir)?;
         format!("{path}, valid until {expires}")
     } else {
         eprintln!(
             "warning: {} holds no writecap: every write will fail with EROFS",
-            store.dir().display()
+            dir.display()
         );
         "none (read-only)".to_owned()
     };
-    let store_dir = store.dir().to_owned();
     let principal = store.principal();
+    let kept_by = store.kept_by().to_owned();
     let config = FsConfig {
         read_only: options.read_only,
         encrypt_root: !args.no_encrypt,
@@ -148,15 +157,11 @@ pub fn run(args: MountArgs) -> Result<()> {
         dirty_limit: usize::try_from(args.dirty_limit).context("dirty limit")?,
         ..FsConfig::default()
     };
-    let creds: Arc<dyn CredStore> = Arc::new(store);
+    let creds: Arc<dyn CredStore> = store.into();
     let fs = local::open_local(&args.data, creds, config)
         .with_context(|| format!("cannot open the Blocktree store in {}", args.data.display()))?;
     let data = absolute(&args.data);
-    let credentials = if args.credentials.is_some() {
-        absolute(&store_dir)
-    } else {
-        data.join(CREDENTIALS_DIR)
-    };
+    let credentials = absolute(&dir);
     let fs = Arc::new(fs);
     FileSystem::start_flusher(&fs);
     blocktree_fuse::serve(fs, &args.mountpoint, &options, |handle| {
@@ -168,6 +173,7 @@ pub fn run(args: MountArgs) -> Result<()> {
                 "credential store",
                 format!("{} ({how})", credentials.display()),
             )
+            .field("keys kept by", &kept_by)
             .field("principal", principal)
             .field("writecap", &writecap)
             .field("mode", mode_text(handle, &options))
@@ -204,10 +210,4 @@ fn parse_dirty_limit(text: &str) -> Result<u64, String> {
         return Err(format!("the dirty limit must be 64K to 1G, got {bytes}"));
     }
     Ok(bytes)
-}
-
-/// `path` made absolute, so the operator can tell which directory a relative
-/// one meant.
-fn absolute(path: &Path) -> PathBuf {
-    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned())
 }

@@ -236,6 +236,7 @@ fn no_tpm_support(spec: &StoreSpec) -> anyhow::Error {
 pub(crate) struct Store {
     inner: Box<dyn CredStore>,
     kept_by: String,
+    in_tpm: bool,
 }
 
 impl Store {
@@ -244,6 +245,7 @@ impl Store {
         Store {
             inner: Box::new(store),
             kept_by,
+            in_tpm: false,
         }
     }
 
@@ -257,12 +259,18 @@ impl Store {
         Store {
             inner: Box::new(store),
             kept_by,
+            in_tpm: true,
         }
     }
 
     /// Where the runtime keys are, for reports.
     pub(crate) fn kept_by(&self) -> &str {
         &self.kept_by
+    }
+
+    /// Whether a TPM keeps the runtime keys.
+    pub(crate) fn in_tpm(&self) -> bool {
+        self.in_tpm
     }
 }
 

@@ -9,15 +9,16 @@
 use anyhow::{Context, Result, anyhow};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use blocktree_core::credstore::{CredStore, FileCredStore};
+use blocktree_core::credstore::CredStore;
 use blocktree_core::keys::{EncryptionPublicKey, POINT_LEN};
 use blocktree_fs::{FsConfig, local};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use super::domain::CREDENTIALS_DIR;
 use super::output::{Report, key_text};
-use super::up::CREDENTIALS_DIR;
+use super::provision::{StoreSpec, open_store};
 use super::volume::lock_data_dir;
 
 /// Arguments of `blocktree readcap`.
@@ -74,7 +75,7 @@ pub fn run(args: ReadcapArgs) -> Result<()> {
 fn grant(args: GrantArgs) -> Result<()> {
     let (reader, reader_name) = match (&args.reader_store, &args.reader_key) {
         (Some(dir), _) => {
-            let store = FileCredStore::open(dir)
+            let store = open_store(&StoreSpec::Dir(dir.clone()))
                 .with_context(|| format!("cannot open the reader's store {}", dir.display()))?;
             (
                 store.encryption_public_key(),
@@ -93,9 +94,9 @@ fn grant(args: GrantArgs) -> Result<()> {
         .credentials
         .clone()
         .unwrap_or_else(|| args.data.join(CREDENTIALS_DIR));
-    let store = FileCredStore::open(&store_dir)
+    let store = open_store(&StoreSpec::Dir(store_dir.clone()))
         .with_context(|| format!("cannot open the credential store {}", store_dir.display()))?;
-    let creds: Arc<dyn CredStore> = Arc::new(store);
+    let creds: Arc<dyn CredStore> = store.into();
     let fs = local::open_local(&args.data, creds, FsConfig::default())
         .with_context(|| format!("cannot open the Blocktree store in {}", args.data.display()))?;
     let caller = blocktree_fuse::caller::of_process(std::process::id())

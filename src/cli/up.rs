@@ -1,10 +1,11 @@
 //! `blocktree up`: start the appliance in a data directory.
 //!
-//! On first start it creates a domain in `DATA/credentials`: one file credential
-//! store holding both the root credentials and the server's runtime credentials,
-//! provisioned by the same steps as `blocktree provision` (generate the root,
-//! request, approve by the root for the domain root path, import). Later starts
-//! reuse the store and check its writecap.
+//! On first start it creates a domain in `DATA/credentials` (see [`super::domain`]):
+//! one credential store holding both the root credentials and the server's
+//! runtime credentials — in the TPM when the machine has one — provisioned by the
+//! same steps as `blocktree provision` (generate the root, request, approve by the
+//! root for the domain root path, import). Later starts reuse the store and check
+//! its writecap.
 //!
 //! Then it opens the file system on the local sector store (`DATA/sectors`),
 //! creates the volume `vol0` (1 GiB) on first start, and serves every volume
@@ -14,32 +15,19 @@
 //! write is made durable before `up` exits.
 
 use anyhow::{Context, Result, anyhow, bail};
-use blocktree_core::BtPath;
-use blocktree_core::credstore::{CredStore, CredStoreError, FileCredStore, RootPublicKeys};
-use blocktree_core::provision::{self, WritecapRequest};
-use blocktree_core::time::Timestamp;
-use blocktree_core::writecap::{RevocationList, WritecapError};
+use blocktree_core::credstore::CredStore;
 use blocktree_fs::{FileSystem, FsConfig, local};
 use blocktree_nbd::volumes::{DEFAULT_BLOCK_SIZE, DEFAULT_VOLUME};
 use blocktree_nbd::{LogLevel, ServerConfig, Stop, TlsMode, Volume, Volumes};
 use clap::{Args, ValueEnum};
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
+use super::absolute;
+use super::domain::{self, NewStoreArg};
 use super::output::Report;
-use super::password::{self, PASSWORD_ENV, Password, Purpose};
-use super::provision::DEFAULT_VALIDITY;
 use super::volume::{lock_data_dir, size_text};
-
-/// The credential store's directory inside the data directory.
-pub(crate) const CREDENTIALS_DIR: &str = "credentials";
-
-/// Below this much remaining validity, `up` warns that the writecap needs renewing.
-const EXPIRY_WARNING: Duration = Duration::from_secs(30 * 24 * 60 * 60);
-
-const PASSWORD_FLAG: &str = "--root-password-file";
 
 /// The size of the volume `up` creates on first start.
 const DEFAULT_VOLUME_SIZE: u64 = 1 << 30;
@@ -49,8 +37,10 @@ pub const LONG_ABOUT: &str = "Start the appliance in a data directory.
 
 On first start, creates a new domain in DATA/credentials: root credentials sealed with \
 the root password, and the server's runtime credentials with a writecap for the whole \
-domain (/<root principal>, valid 365 days). Later starts reuse them and check the \
-writecap is still valid.
+domain (/<root principal>, valid 365 days). When the machine has a TPM 2.0 (/dev/tpmrm0) \
+and blocktree was built with `--features tpm`, the keys are created inside the TPM and \
+never leave it (--store chooses: auto, file or tpm:TCTI). Later starts reuse the store, \
+whichever kind it is, and check the writecap is still valid.
 
 The root password for a new domain comes from --root-password-file, else \
 $BLOCKTREE_ROOT_PASSWORD, else a prompt on the terminal. When none is available (stdin is \
@@ -84,6 +74,8 @@ pub struct UpArgs {
     /// is created).
     #[arg(long, value_name = "FILE")]
     root_password_file: Option<PathBuf>,
+    #[command(flatten)]
+    store: NewStoreArg,
     /// The TCP address to serve NBD on (port 0: any free port, printed when ready).
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:10809")]
     nbd: String,
@@ -173,8 +165,12 @@ pub fn run(args: UpArgs) -> Result<()> {
     blocktree_nbd::log_to_stderr(args.log);
     let tcp = resolve(&args.nbd)?;
     let tls_config = tls_config(&args)?;
-    let (store, how) = open_or_create_store(&args.data, args.root_password_file.as_deref())?;
-    let (path, expires) = check_writecap(&store)?;
+    let domain::DomainStore { store, dir, how } = domain::open_or_create(
+        &args.data,
+        args.root_password_file.as_deref(),
+        &args.store.kind,
+    )?;
+    let (path, expires) = domain::check_writecap(&*store, &dir)?;
 
     let root = path.root();
     let root_note = if store.root_public().map(|keys| keys.principal()) == Some(root) {
@@ -182,21 +178,21 @@ pub fn run(args: UpArgs) -> Result<()> {
     } else {
         "root credentials kept elsewhere"
     };
-    // Absolute, so the operator can tell which directory a relative --data meant.
-    let data = std::fs::canonicalize(&args.data).unwrap_or_else(|_| args.data.clone());
+    let data = absolute(&args.data);
     let mut report = Report::new();
     report
         .field("data directory", data.display())
         .field(
             "credential store",
-            format!("{} ({how})", data.join(CREDENTIALS_DIR).display()),
+            format!("{} ({how})", absolute(&dir).display()),
         )
+        .field("keys kept by", store.kept_by())
         .field("root principal", format!("{root} ({root_note})"))
         .field("server principal", store.principal())
         .field("writecap", format!("{path}, valid until {expires}"));
 
     let _lock = lock_data_dir(&args.data)?;
-    let creds: Arc<dyn CredStore> = Arc::new(store);
+    let creds: Arc<dyn CredStore> = store.into();
     let config = FsConfig {
         read_only: args.read_only,
         sector_size: DEFAULT_BLOCK_SIZE,
@@ -275,138 +271,5 @@ pub fn run(args: UpArgs) -> Result<()> {
     served.context("the NBD server failed")?;
     synced.context("cannot make every write durable")?;
     println!("stopped: every write is durable");
-    Ok(())
-}
-
-/// The credential store of data directory `data` (DATA/credentials), and how it
-/// was found: opened as it is, finished (an interrupted first start), or created
-/// with a new domain whose root password comes from `root_password_file`, else
-/// $BLOCKTREE_ROOT_PASSWORD, else the terminal, else is generated and printed once.
-pub(crate) fn open_or_create_store(
-    data: &Path,
-    root_password_file: Option<&Path>,
-) -> Result<(FileCredStore, &'static str)> {
-    let store_dir = data.join(CREDENTIALS_DIR);
-    Ok(match FileCredStore::open(&store_dir) {
-        Ok(store) if store.writecap().is_some() => (store, "existing"),
-        Ok(store) => (
-            finish_interrupted_start(store, root_password_file)?,
-            "existing, writecap issued now",
-        ),
-        Err(CredStoreError::NotFound(_)) => {
-            (create_domain(&store_dir, root_password_file)?, "created")
-        }
-        Err(error) => return Err(error.into()),
-    })
-}
-
-/// Checks that the store's writecap is valid now (warning on stderr when it
-/// expires within 30 days); returns its path and expiry.
-pub(crate) fn check_writecap(store: &FileCredStore) -> Result<(BtPath, Timestamp)> {
-    let store_dir = store.dir();
-    let writecap = store
-        .writecap()
-        .ok_or_else(|| anyhow!("{} holds no writecap", store_dir.display()))?;
-    let path = writecap.path().cloned().ok_or(WritecapError::Empty)?;
-    let now = Timestamp::now();
-    match writecap.validate_for(&store.principal(), &path, now, &RevocationList::new()) {
-        Ok(()) => {}
-        Err(WritecapError::Expired { expired, .. }) => bail!(
-            "the server's writecap for {path} in {} expired at {expired}; renewal is not \
-             built yet: issue a new one with `blocktree provision request`, `approve` and \
-             `import`",
-            store_dir.display()
-        ),
-        Err(error) => bail!(
-            "the server's writecap in {} is not valid: {error}",
-            store_dir.display()
-        ),
-    }
-    let expires = writecap.expires().ok_or(WritecapError::Empty)?;
-    if expires < now.after(EXPIRY_WARNING) {
-        eprintln!(
-            "warning: the server's writecap expires at {expires}; renewal is not built yet: \
-             issue a new one with `blocktree provision request`, `approve` and `import`"
-        );
-    }
-    Ok((path, expires))
-}
-
-/// First start: a new store with root credentials and a writecap for the domain.
-fn create_domain(store_dir: &Path, root_password_file: Option<&Path>) -> Result<FileCredStore> {
-    let password = match password::obtain(root_password_file, Purpose::Create)? {
-        Some(password) => password,
-        None => {
-            let password = password::generate()?;
-            // Shown before the root is sealed with it, so that no run ends with
-            // root credentials whose password nobody saw.
-            eprintln!(
-                "No root password was given ({PASSWORD_FLAG}, {PASSWORD_ENV}) and stdin is \
-                 not a terminal, so one was generated for the new domain's root credentials:"
-            );
-            eprintln!("root password: {}", password.as_str());
-            eprintln!(
-                "Write this down; it is not stored. It is needed to approve writecaps \
-                 and to back up the root credentials (`blocktree provision approve`, \
-                 `export-root`)."
-            );
-            password
-        }
-    };
-    let mut store = FileCredStore::create(store_dir)?;
-    let root = store.generate_root(&password)?;
-    issue_server_writecap(&mut store, root, &password)?;
-    Ok(store)
-}
-
-/// A store with root credentials but no writecap is what a first start leaves when
-/// it is stopped between generating the root and importing the writecap; finish it.
-fn finish_interrupted_start(
-    mut store: FileCredStore,
-    root_password_file: Option<&Path>,
-) -> Result<FileCredStore> {
-    let Some(root) = store.root_public() else {
-        bail!(
-            "{} holds runtime credentials but no writecap: have it approved with \
-             `blocktree provision request --store {0}`, `approve` and `import`",
-            store.dir().display()
-        );
-    };
-    let password = password::require(
-        root_password_file,
-        Purpose::Unlock(root.principal()),
-        PASSWORD_FLAG,
-    )?;
-    // After the password, so a run that cannot continue prints only its error.
-    eprintln!(
-        "{} holds root credentials but no writecap (an earlier first start was \
-         interrupted); issuing the server's writecap",
-        store.dir().display()
-    );
-    issue_server_writecap(&mut store, root, &password)?;
-    Ok(store)
-}
-
-/// Request, approve by the root for `/<root>`, import: the design's steps 3-5.
-fn issue_server_writecap(
-    store: &mut FileCredStore,
-    root: RootPublicKeys,
-    password: &Password,
-) -> Result<()> {
-    let domain = BtPath::root_of(root.principal());
-    let request = WritecapRequest::new(store, Some(domain.clone()))?;
-    let now = Timestamp::now();
-    let writecap = {
-        let signer = store.root_signer(password)?;
-        provision::approve(
-            &request,
-            &*signer,
-            None,
-            Some(domain),
-            now.after(DEFAULT_VALIDITY),
-            now,
-        )?
-    };
-    store.set_writecap(writecap)?;
     Ok(())
 }

@@ -7,7 +7,7 @@
 //! while `blocktree up` (or another `volume` command) holds the data directory.
 
 use anyhow::{Context, Result, anyhow, bail};
-use blocktree_core::credstore::{CredStore, FileCredStore};
+use blocktree_core::credstore::CredStore;
 use blocktree_fs::{FsConfig, local};
 use blocktree_nbd::volumes::{DEFAULT_BLOCK_SIZE, check_block_size};
 use blocktree_nbd::{Volume, Volumes};
@@ -17,8 +17,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::bench::parse_bytes;
+use super::domain::{self, CREDENTIALS_DIR, DomainStore, NewStoreArg};
 use super::output::Report;
-use super::up::{CREDENTIALS_DIR, check_writecap, open_or_create_store};
+use super::provision::{StoreSpec, open_store};
 
 /// The lock file of a data directory: held by `up` and `volume` while they use
 /// the store.
@@ -51,6 +52,8 @@ enum VolumeCommand {
         /// new domain is created).
         #[arg(long, value_name = "FILE")]
         root_password_file: Option<PathBuf>,
+        #[command(flatten)]
+        store: NewStoreArg,
     },
     /// List the volumes: name, size, block size.
     List {
@@ -96,9 +99,11 @@ pub fn run(args: VolumeArgs) -> Result<()> {
             block_size,
             data,
             root_password_file,
+            store,
         } => {
             let block_size = check_block_size(block_size)?;
-            let (store, _) = open_or_create_store(&data.data, root_password_file.as_deref())?;
+            let store =
+                domain::open_or_create(&data.data, root_password_file.as_deref(), &store.kind)?;
             let (_lock, volumes) = open(&data.data, store, block_size)?;
             let volume = volumes
                 .create(&name, size, block_size)
@@ -158,7 +163,7 @@ pub fn run(args: VolumeArgs) -> Result<()> {
 }
 
 /// The credential store of an existing appliance in `data`.
-fn existing_store(data: &Path) -> Result<FileCredStore> {
+fn existing_store(data: &Path) -> Result<DomainStore> {
     let dir = data.join(CREDENTIALS_DIR);
     if !dir.exists() {
         bail!(
@@ -167,8 +172,13 @@ fn existing_store(data: &Path) -> Result<FileCredStore> {
             data.display()
         );
     }
-    FileCredStore::open(&dir)
-        .with_context(|| format!("cannot open the credential store {}", dir.display()))
+    let store = open_store(&StoreSpec::Dir(dir.clone()))
+        .with_context(|| format!("cannot open the credential store {}", dir.display()))?;
+    Ok(DomainStore {
+        store,
+        dir,
+        how: "existing".to_owned(),
+    })
 }
 
 /// Locks data directory `data` (creating it if needed): only one process may use
@@ -198,12 +208,12 @@ pub(crate) fn lock_data_dir(data: &Path) -> Result<File> {
 
 /// Locks `data` and opens its file system with `sector_size`-byte sectors for the
 /// files it creates.
-fn open(data: &Path, store: FileCredStore, sector_size: u32) -> Result<(File, Volumes)> {
+fn open(data: &Path, domain: DomainStore, sector_size: u32) -> Result<(File, Volumes)> {
     let lock = lock_data_dir(data)?;
-    if store.writecap().is_some() {
-        check_writecap(&store)?;
+    if domain.store.writecap().is_some() {
+        domain::check_writecap(&*domain.store, &domain.dir)?;
     }
-    let creds: Arc<dyn CredStore> = Arc::new(store);
+    let creds: Arc<dyn CredStore> = domain.store.into();
     let config = FsConfig {
         sector_size,
         ..FsConfig::default()
