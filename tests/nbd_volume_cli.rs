@@ -85,11 +85,11 @@ fn volumes_are_created_listed_resized_and_deleted() {
         up.field("volumes")
             .starts_with("db (64 MiB, 512-byte blocks), logs")
     );
-    let busy = data.blocktree_output(&["volume", "list", "--data", &dir]);
+    // While it runs, `volume` asks it through its control socket.
+    let live = data.blocktree(&["volume", "list", "--data", &dir]);
     assert!(
-        stderr_of(&busy).contains("in use by another blocktree process"),
-        "{}",
-        stderr_of(&busy)
+        live.starts_with("NAME") && live.contains("CONNECTIONS"),
+        "{live}"
     );
     let db = up.uri_of("db");
     let info = run_text("nbdinfo", &["--list", &db]);
@@ -139,6 +139,111 @@ fn volumes_are_created_listed_resized_and_deleted() {
     data.blocktree(&["volume", "delete", "db", "--data", &dir]);
     let list = data.blocktree(&["volume", "list", "--data", &dir]);
     assert!(list.starts_with("no volumes"), "{list}");
+}
+
+/// The rows of a `volume list` made while `up` runs: name and connections.
+fn live_rows(list: &str) -> Vec<(String, u32)> {
+    list.lines()
+        .skip(1)
+        .map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let connections = fields.last().unwrap().parse().unwrap();
+            (fields[0].to_owned(), connections)
+        })
+        .collect()
+}
+
+#[test]
+fn volumes_are_managed_while_up_serves_them() {
+    let data = Data::new();
+    let dir = arg(&data.data());
+    let up = data.up(&[]);
+    let socket = data.data().join("control.sock");
+    assert!(up.field("control socket").ends_with("/control.sock"));
+
+    // Created while up runs: exported at once, with its own block size.
+    let created = data.blocktree(&[
+        "volume",
+        "create",
+        "live",
+        "--size",
+        "16M",
+        "--block-size",
+        "512",
+        "--data",
+        &dir,
+    ]);
+    assert!(created.contains("served now by the running"), "{created}");
+    let info = run_text("nbdinfo", &[&up.uri_of("live")]);
+    assert!(info.contains("export-size: 16777216"), "{info}");
+    assert!(info.contains("block_size_preferred: 512"), "{info}");
+    run(
+        "qemu-io",
+        &["-f", "raw", &up.uri_of("live"), "-c", "write -P 0x5a 1M 1M"],
+    );
+
+    // A connection holds it: no delete, no shrink; growing is fine.
+    let mut client = Client::connect(&up.address(), "live");
+    assert_eq!(client.read_at(1 << 20, 4096), vec![0x5a; 4096]);
+    let list = data.blocktree(&["volume", "list", "--data", &dir]);
+    assert_eq!(
+        live_rows(&list),
+        [("live".to_owned(), 1), ("vol0".to_owned(), 0)],
+        "{list}"
+    );
+    for args in [
+        vec!["volume", "delete", "live"],
+        vec!["volume", "resize", "live", "--size", "8M", "--shrink"],
+    ] {
+        let mut args = args;
+        args.extend(["--data", &dir]);
+        let refused = data.blocktree_output(&args);
+        assert!(!refused.status.success(), "{args:?} succeeded");
+        assert!(
+            stderr_of(&refused).contains("is open on 1 NBD connection(s)"),
+            "{args:?}: {}",
+            stderr_of(&refused)
+        );
+    }
+    let grown = data.blocktree(&["volume", "resize", "live", "--size", "32M", "--data", &dir]);
+    assert!(grown.contains("16 MiB -> 32 MiB"), "{grown}");
+    assert!(grown.contains("keep the size they negotiated"), "{grown}");
+    assert_eq!(client.size(), 16 << 20);
+    drop(client);
+
+    // Garbage on the control socket gets an error reply; the server goes on.
+    {
+        use std::io::{Read, Write};
+        let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        stream.write_all(&[0, 0, 0, 3, 7, 7, 7]).unwrap();
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply).unwrap();
+        assert!(reply.len() > 6, "{reply:?}");
+        let mut huge = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        huge.write_all(&u32::MAX.to_be_bytes()).unwrap();
+    }
+
+    // Once the connection is gone, the volume can be deleted.
+    let started = std::time::Instant::now();
+    loop {
+        let list = data.blocktree(&["volume", "list", "--data", &dir]);
+        if live_rows(&list).contains(&("live".to_owned(), 0)) {
+            break;
+        }
+        assert!(started.elapsed().as_secs() < 20, "still open: {list}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let info = run_text("nbdinfo", &[&up.uri_of("live")]);
+    assert!(info.contains("export-size: 33554432"), "{info}");
+    data.blocktree(&["volume", "delete", "live", "--data", &dir]);
+    run_failing("nbdinfo", &[&up.uri_of("live")]);
+    run("qemu-io", &["-f", "raw", &up.uri, "-c", "write -P 1 0 64k"]);
+    up.stop();
+    assert!(!socket.exists(), "the control socket is removed on exit");
+
+    // The deletion and vol0's data outlive the server.
+    let list = data.blocktree(&["volume", "list", "--data", &dir]);
+    assert!(!list.contains("live") && list.contains("vol0"), "{list}");
 }
 
 fn db_uri(up: &Up) -> String {

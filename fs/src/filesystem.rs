@@ -141,6 +141,8 @@ struct NewFile<'a> {
     kind: FileKind,
     mode: u32,
     content: Option<&'a [u8]>,
+    /// The data sector size of a regular file, instead of the configured one.
+    sector_size: Option<u32>,
 }
 
 impl FileSystem {
@@ -756,7 +758,7 @@ impl FileSystem {
         let sector_size = if new.kind == FileKind::Directory {
             DIR_SECTOR_SIZE
         } else {
-            self.config.sector_size
+            new.sector_size.unwrap_or(self.config.sector_size)
         };
         let encrypted = Self::child_encrypted(&dir);
         let parent_info = dir.parent_info();
@@ -829,6 +831,7 @@ impl FileSystem {
                 kind,
                 mode: mode & !umask,
                 content: None,
+                sector_size: None,
             },
         )?;
         Ok(Self::attr(&lock(&node)))
@@ -851,6 +854,7 @@ impl FileSystem {
                 kind: FileKind::Directory,
                 mode: mode & !umask & 0o7777,
                 content: None,
+                sector_size: None,
             },
         )?;
         Ok(Self::attr(&lock(&node)))
@@ -875,6 +879,7 @@ impl FileSystem {
                 kind: FileKind::Symlink,
                 mode: 0o777,
                 content: Some(target),
+                sector_size: None,
             },
         )?;
         Ok(Self::attr(&lock(&node)))
@@ -898,6 +903,42 @@ impl FileSystem {
                 kind: FileKind::Regular,
                 mode: mode & !umask & 0o7777,
                 content: None,
+                sector_size: None,
+            },
+        )?;
+        let attr = Self::attr(&lock(&node));
+        let handle = self.add_handle(node, flags);
+        Ok((attr, handle))
+    }
+
+    /// Creates and opens a regular file whose data sectors are `sector_size`
+    /// bytes (a power of two, 512 B to 1 MiB) whatever the configured size: a
+    /// volume's block size.
+    #[allow(clippy::too_many_arguments)]
+    pub fn create_with_sector_size(
+        &self,
+        caller: &Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        flags: i32,
+        sector_size: u32,
+    ) -> FsResult<(Attr, u64)> {
+        if !sector_size.is_power_of_two() || !(512..=1 << 20).contains(&sector_size) {
+            return Err(FsError::Invalid(format!(
+                "a sector size must be a power of two from 512 B to 1 MiB, not {sector_size}"
+            )));
+        }
+        let node = self.make(
+            caller,
+            parent,
+            name,
+            NewFile {
+                kind: FileKind::Regular,
+                mode: mode & !umask & 0o7777,
+                content: None,
+                sector_size: Some(sector_size),
             },
         )?;
         let attr = Self::attr(&lock(&node));

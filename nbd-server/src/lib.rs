@@ -9,6 +9,8 @@
 //!   what ([`session::Session::check`]).
 //! - [`export`]: what is served: a [`export::Catalog`] of exports, each opened as a
 //!   [`export::Device`].
+//! - [`control`]: the control socket through which `blocktree volume` manages the
+//!   volumes of a running server (its frames; the socket itself with `server`).
 //!
 //! With the default feature `server`:
 //!
@@ -21,6 +23,7 @@
 //! Encryption and Merkle verification happen below, in the filesystem service, so
 //! clients see plaintext; a sector that fails verification is an `NBD_EIO` reply.
 
+pub mod control;
 pub mod export;
 pub mod negotiate;
 pub mod proto;

@@ -12,8 +12,9 @@
 
 use crate::export::{Catalog, CatalogError, Device, DeviceError, ExportInfo, Extent, errno};
 use blocktree_fs::{Caller, FileKind, FileSystem, FsError, SetAttr};
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use thiserror::Error;
 
 /// The directory of the volumes, under the file system's root.
@@ -45,15 +46,14 @@ pub enum VolumeError {
     /// Not a usable block size.
     #[error("invalid block size {0}: use a power of two from 512 to 65536 bytes")]
     BadBlockSize(u64),
-    /// The file system was opened with another sector size than the volume needs.
-    #[error(
-        "the file system creates files with {configured}-byte sectors, not the {wanted} bytes asked for"
-    )]
-    SectorSize {
-        /// The file system's configured sector size.
-        configured: u32,
-        /// The block size asked for.
-        wanted: u32,
+    /// Deleting or shrinking a volume that NBD clients have open would pull the
+    /// device from under them.
+    #[error("volume {name} is open on {connections} NBD connection(s); disconnect them first")]
+    InUse {
+        /// The volume.
+        name: String,
+        /// Its open connections.
+        connections: u32,
     },
     /// The size is zero or not a whole number of blocks.
     #[error("size {size} is not a positive multiple of the block size {block_size}")]
@@ -122,22 +122,69 @@ fn check_size(size: u64, block_size: u32) -> Result<(), VolumeError> {
     Ok(())
 }
 
+/// NBD connections per open volume (by inode).
+type OpenCounts = Arc<Mutex<HashMap<u64, u32>>>;
+
+fn lock_counts(counts: &Mutex<HashMap<u64, u32>>) -> MutexGuard<'_, HashMap<u64, u32>> {
+    // The map stays consistent whatever panicked while it was held.
+    counts.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// One connection's hold on a volume: counted while it lives.
+struct OpenHold {
+    counts: OpenCounts,
+    ino: u64,
+}
+
+impl Drop for OpenHold {
+    fn drop(&mut self) {
+        let mut counts = lock_counts(&self.counts);
+        if let Some(count) = counts.get_mut(&self.ino) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.ino);
+            }
+        }
+    }
+}
+
 /// The volumes of a file system.
 pub struct Volumes {
     fs: Arc<FileSystem>,
-    sector_size: u32,
     read_only: bool,
+    /// Held while a volume is opened, resized or deleted, so that a delete or a
+    /// shrink never races with a connection opening the volume.
+    changing: Mutex<()>,
+    open: OpenCounts,
 }
 
 impl Volumes {
-    /// The volumes of `fs`, which was opened with `FsConfig::sector_size` =
-    /// `sector_size` (the block size of the volumes it can create). With
-    /// `read_only`, every export is read-only.
-    pub fn new(fs: Arc<FileSystem>, sector_size: u32, read_only: bool) -> Volumes {
+    /// The volumes of `fs`. With `read_only`, every export is read-only.
+    pub fn new(fs: Arc<FileSystem>, read_only: bool) -> Volumes {
         Volumes {
             fs,
-            sector_size,
             read_only,
+            changing: Mutex::new(()),
+            open: Arc::default(),
+        }
+    }
+
+    /// NBD connections that have the volume with inode `ino` open now.
+    pub fn connections(&self, ino: u64) -> u32 {
+        lock_counts(&self.open).get(&ino).copied().unwrap_or(0)
+    }
+
+    fn changing(&self) -> MutexGuard<'_, ()> {
+        self.changing.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn refuse_if_open(&self, volume: &Volume) -> Result<(), VolumeError> {
+        match self.connections(volume.ino) {
+            0 => Ok(()),
+            connections => Err(VolumeError::InUse {
+                name: volume.name.clone(),
+                connections,
+            }),
         }
     }
 
@@ -250,18 +297,13 @@ impl Volumes {
     }
 
     /// Creates volume `name` of `size` bytes (sparse: it reads as zeros) with
-    /// `block_size`-byte blocks, which must be the sector size the file system
-    /// was opened with. Atomic: it is prepared under a hidden name and renamed.
+    /// `block_size`-byte blocks, its file's data sector size. Atomic: it is
+    /// prepared under a hidden name and renamed.
     pub fn create(&self, name: &str, size: u64, block_size: u32) -> Result<Volume, VolumeError> {
         check_name(name)?;
         let block_size = check_block_size(u64::from(block_size))?;
-        if block_size != self.sector_size {
-            return Err(VolumeError::SectorSize {
-                configured: self.sector_size,
-                wanted: block_size,
-            });
-        }
         check_size(size, block_size)?;
+        let _changing = self.changing();
         let (dir, _) = self.ensure_dir()?;
         let caller = Self::caller();
         if self.fs.lookup(&caller, dir, name.as_bytes()).is_ok() {
@@ -273,9 +315,15 @@ impl Volumes {
             Ok(()) | Err(FsError::NotFound) => {}
             Err(error) => return Err(error.into()),
         }
-        let (attr, fh) =
-            self.fs
-                .create(&caller, dir, temporary.as_bytes(), 0o600, 0, libc::O_RDWR)?;
+        let (attr, fh) = self.fs.create_with_sector_size(
+            &caller,
+            dir,
+            temporary.as_bytes(),
+            0o600,
+            0,
+            libc::O_RDWR,
+            block_size,
+        )?;
         let prepared = (|| -> Result<(), FsError> {
             self.fs.setxattr(
                 &caller,
@@ -316,21 +364,27 @@ impl Volumes {
     }
 
     /// Changes the size of volume `name`; growing reads as zeros, shrinking drops
-    /// the end and needs `allow_shrink`. Returns the old and new volume.
+    /// the end and needs `allow_shrink` and no open connection. Connections open
+    /// now keep the size they negotiated; new ones see the new size. Returns the
+    /// old and new volume.
     pub fn resize(
         &self,
         name: &str,
         size: u64,
         allow_shrink: bool,
     ) -> Result<(Volume, Volume), VolumeError> {
+        let _changing = self.changing();
         let old = self.get(name)?;
         check_size(size, old.block_size)?;
-        if size < old.size && !allow_shrink {
-            return Err(VolumeError::Shrink {
-                name: name.into(),
-                from: old.size,
-                to: size,
-            });
+        if size < old.size {
+            if !allow_shrink {
+                return Err(VolumeError::Shrink {
+                    name: name.into(),
+                    from: old.size,
+                    to: size,
+                });
+            }
+            self.refuse_if_open(&old)?;
         }
         self.fs.setattr(
             &Self::caller(),
@@ -345,9 +399,11 @@ impl Volumes {
         Ok((old, new))
     }
 
-    /// Deletes volume `name` and its data.
+    /// Deletes volume `name` and its data; refused while connections have it open.
     pub fn delete(&self, name: &str) -> Result<Volume, VolumeError> {
+        let _changing = self.changing();
         let volume = self.get(name)?;
+        self.refuse_if_open(&volume)?;
         let dir = self
             .dir()?
             .ok_or_else(|| VolumeError::NotFound(name.into()))?;
@@ -409,6 +465,7 @@ impl Catalog for Volumes {
     }
 
     fn open(&self, name: &str) -> Result<Arc<dyn Device>, CatalogError> {
+        let _changing = self.changing();
         let volume = self.lookup(name)?;
         let flags = if self.read_only {
             libc::O_RDONLY
@@ -419,12 +476,18 @@ impl Catalog for Volumes {
             .fs
             .open(&Self::caller(), volume.ino, flags)
             .map_err(|error| CatalogError::Failed(error.to_string()))?;
+        *lock_counts(&self.open).entry(volume.ino).or_insert(0) += 1;
+        let hold = OpenHold {
+            counts: self.open.clone(),
+            ino: volume.ino,
+        };
         Ok(Arc::new(FsVolume {
             fs: self.fs.clone(),
             ino: volume.ino,
             fh,
             info: self.info(&volume),
             closed: AtomicBool::new(false),
+            _hold: hold,
         }))
     }
 }
@@ -438,6 +501,8 @@ pub struct FsVolume {
     fh: u64,
     info: ExportInfo,
     closed: AtomicBool,
+    /// Counts this connection against the volume until it is dropped.
+    _hold: OpenHold,
 }
 
 fn device_error(error: FsError) -> DeviceError {

@@ -11,7 +11,6 @@
 mod common;
 
 use blocktree_core::BtPath;
-use blocktree_core::aead::random_fill;
 use blocktree_core::credstore::CredStore;
 use blocktree_core::credstore::tpm::{Tcti, TpmCredStore};
 use blocktree_core::provision::{WritecapRequest, approve};
@@ -19,12 +18,9 @@ use blocktree_core::time::Timestamp;
 use blocktree_netstack::echo::{EchoReply, register_echo};
 use blocktree_netstack::{AccessPolicy, Credentials, Runtime, RuntimeConfig};
 use common::*;
-use std::net::{TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tempfile::TempDir;
+use std::time::Duration;
 
 const FIVE_SECONDS: Duration = Duration::from_secs(5);
 

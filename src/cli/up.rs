@@ -17,6 +17,7 @@
 use anyhow::{Context, Result, anyhow, bail};
 use blocktree_core::credstore::CredStore;
 use blocktree_fs::{FileSystem, FsConfig, local};
+use blocktree_nbd::control::{CONTROL_SOCKET, ControlServer};
 use blocktree_nbd::volumes::{DEFAULT_BLOCK_SIZE, DEFAULT_VOLUME};
 use blocktree_nbd::{LogLevel, ServerConfig, Stop, TlsMode, Volume, Volumes};
 use clap::{Args, ValueEnum};
@@ -49,7 +50,9 @@ stored anywhere.
 
 Then it serves the volumes of DATA over NBD (default nbd://127.0.0.1:10809/vol0) and stays \
 in the foreground. On first start it creates the volume vol0 (1 GiB, 4096-byte blocks); \
-`blocktree volume create|list|resize|delete` manage volumes while `up` is stopped. A volume \
+`blocktree volume create|list|resize|delete --data DATA` manage volumes, also while `up` runs \
+(through its control socket DATA/control.sock, mode 0600): a new volume is exported at once; \
+a volume open on NBD connections is not deleted or shrunk. A volume \
 is a file of the Blocktree file system: every sector is encrypted (AES-256-GCM) and verified \
 (Merkle tree under a signed root) on the server, so clients see plaintext, and a sector that \
 fails verification is an I/O error. Unwritten and trimmed blocks read as zeros and show as \
@@ -141,7 +144,7 @@ fn resolve(address: &str) -> Result<SocketAddr> {
 /// `vol0 (1 GiB), vol1 (10 GiB)`.
 fn volumes_text(volumes: &[Volume]) -> String {
     if volumes.is_empty() {
-        return "none (stop `up` and create one with `blocktree volume create NAME`)".into();
+        return "none (create one with `blocktree volume create NAME`)".into();
     }
     let names: Vec<String> = volumes
         .iter()
@@ -203,7 +206,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             .with_context(|| format!("cannot open the Blocktree store in {}", data.display()))?,
     );
     FileSystem::start_flusher(&fs);
-    let volumes = Volumes::new(fs.clone(), DEFAULT_BLOCK_SIZE, args.read_only);
+    let volumes = Arc::new(Volumes::new(fs.clone(), args.read_only));
     if !args.read_only {
         let (_, first_start) = volumes.ensure_dir()?;
         if first_start {
@@ -232,11 +235,19 @@ pub fn run(args: UpArgs) -> Result<()> {
         read_only: args.read_only,
         ..ServerConfig::default()
     };
+    let control_path = args.data.join(CONTROL_SOCKET);
+    let control = ControlServer::start(&control_path, volumes.clone()).with_context(|| {
+        format!(
+            "cannot listen on the control socket {}",
+            control_path.display()
+        )
+    })?;
     let served = blocktree_nbd::serve(
-        Arc::new(volumes),
+        volumes,
         server,
         |listening| {
             report.field("volumes", volumes_text(&list));
+            report.field("control socket", absolute(control.path()).display());
             let name = shown.clone().unwrap_or_default();
             let mut uri = None;
             if let Some(address) = listening.tcp {
@@ -266,6 +277,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         },
         Stop::Signals,
     );
+    drop(control);
     // Whatever the server did, everything written is made durable.
     let synced = fs.sync_all();
     served.context("the NBD server failed")?;

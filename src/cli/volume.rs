@@ -3,13 +3,15 @@
 //!
 //! A volume is a regular file `/volumes/<name>` of the data directory's Blocktree
 //! file system, encrypted and verified like every file; its data sector size is
-//! its block size. The commands open the store directly, so they refuse to run
-//! while `blocktree up` (or another `volume` command) holds the data directory.
+//! its block size. The commands open the store directly when they can lock the
+//! data directory; while `blocktree up` holds it, they ask that `up` through its
+//! control socket (`blocktree_nbd::control`), so volumes change while it serves.
 
 use anyhow::{Context, Result, anyhow, bail};
 use blocktree_core::credstore::CredStore;
 use blocktree_fs::{FsConfig, local};
-use blocktree_nbd::volumes::{DEFAULT_BLOCK_SIZE, check_block_size};
+use blocktree_nbd::control::{self, CONTROL_SOCKET, ControlReply, ControlRequest, VolumeEntry};
+use blocktree_nbd::volumes::check_block_size;
 use blocktree_nbd::{Volume, Volumes};
 use clap::{Args, Subcommand};
 use std::fs::{File, OpenOptions, TryLockError};
@@ -102,32 +104,36 @@ pub fn run(args: VolumeArgs) -> Result<()> {
             store,
         } => {
             let block_size = check_block_size(block_size)?;
-            let store =
-                domain::open_or_create(&data.data, root_password_file.as_deref(), &store.kind)?;
-            let (_lock, volumes) = open(&data.data, store, block_size)?;
-            let volume = volumes
+            let manager = Manager::open(&data.data, || {
+                domain::open_or_create(&data.data, root_password_file.as_deref(), &store.kind)
+            })?;
+            let volume = manager
                 .create(&name, size, block_size)
                 .with_context(|| format!("cannot create volume {name}"))?;
+            let export = if manager.is_live() {
+                format!(
+                    "served now by the running `blocktree up --data {}`",
+                    data.data.display()
+                )
+            } else {
+                format!(
+                    "nbd://127.0.0.1:10809/{} while `blocktree up --data {}` runs",
+                    volume.name,
+                    data.data.display()
+                )
+            };
             let mut report = Report::new();
             report
                 .field("created volume", &volume.name)
                 .field("size", size_text(volume.size))
                 .field("block size", volume.block_size)
-                .field(
-                    "export",
-                    format!(
-                        "nbd://127.0.0.1:10809/{} while `blocktree up --data {}` runs",
-                        volume.name,
-                        data.data.display()
-                    ),
-                );
+                .field("export", export);
             report.print()
         }
         VolumeCommand::List { data } => {
-            let (_lock, volumes) =
-                open(&data.data, existing_store(&data.data)?, DEFAULT_BLOCK_SIZE)?;
-            let list = volumes.list().context("cannot list the volumes")?;
-            print_list(&list)
+            let manager = Manager::open(&data.data, || existing_store(&data.data))?;
+            let list = manager.list().context("cannot list the volumes")?;
+            print_list(&list, manager.is_live())
         }
         VolumeCommand::Resize {
             name,
@@ -135,9 +141,8 @@ pub fn run(args: VolumeArgs) -> Result<()> {
             shrink,
             data,
         } => {
-            let (_lock, volumes) =
-                open(&data.data, existing_store(&data.data)?, DEFAULT_BLOCK_SIZE)?;
-            let (old, new) = volumes
+            let manager = Manager::open(&data.data, || existing_store(&data.data))?;
+            let (old, new) = manager
                 .resize(&name, size, shrink)
                 .with_context(|| format!("cannot resize volume {name}"))?;
             let mut report = Report::new();
@@ -145,12 +150,17 @@ pub fn run(args: VolumeArgs) -> Result<()> {
                 "size",
                 format!("{} -> {}", size_text(old.size), size_text(new.size)),
             );
+            if new.connections > 0 {
+                report.text(format!(
+                    "{} open NBD connection(s) keep the size they negotiated until they reconnect",
+                    new.connections
+                ));
+            }
             report.print()
         }
         VolumeCommand::Delete { name, data } => {
-            let (_lock, volumes) =
-                open(&data.data, existing_store(&data.data)?, DEFAULT_BLOCK_SIZE)?;
-            let volume = volumes
+            let manager = Manager::open(&data.data, || existing_store(&data.data))?;
+            let volume = manager
                 .delete(&name)
                 .with_context(|| format!("cannot delete volume {name}"))?;
             let mut report = Report::new();
@@ -160,6 +170,143 @@ pub fn run(args: VolumeArgs) -> Result<()> {
             report.print()
         }
     }
+}
+
+/// Who performs a volume command: this process on the store it locked, or the
+/// running `blocktree up` that holds the store, through its control socket.
+enum Manager {
+    /// The store, opened here.
+    Local {
+        /// The data directory's lock, held as long as this lives.
+        _lock: File,
+        /// The store's volumes.
+        volumes: Volumes,
+    },
+    /// The control socket of the `up` that holds the data directory.
+    Live(PathBuf),
+}
+
+impl Manager {
+    /// Locks `data` and opens its store with the credentials `store` gives, or,
+    /// when `up` holds it, talks to that `up`.
+    fn open(data: &Path, store: impl FnOnce() -> Result<DomainStore>) -> Result<Manager> {
+        let Some(lock) = try_lock_data_dir(data)? else {
+            let socket = data.join(CONTROL_SOCKET);
+            if !socket.exists() {
+                bail!(
+                    "{} is in use by another blocktree process (`blocktree mount`, `readcap` \
+                     or another `volume` command); stop it first",
+                    data.display()
+                );
+            }
+            return Ok(Manager::Live(socket));
+        };
+        let domain = store()?;
+        if domain.store.writecap().is_some() {
+            domain::check_writecap(&*domain.store, &domain.dir)?;
+        }
+        let creds: Arc<dyn CredStore> = domain.store.into();
+        let fs = local::open_local(data, creds, FsConfig::default())
+            .with_context(|| format!("cannot open the Blocktree store in {}", data.display()))?;
+        Ok(Manager::Local {
+            _lock: lock,
+            volumes: Volumes::new(Arc::new(fs), false),
+        })
+    }
+
+    fn is_live(&self) -> bool {
+        matches!(self, Manager::Live(_))
+    }
+
+    /// Asks the running `up`.
+    fn call(socket: &Path, request: ControlRequest) -> Result<ControlReply> {
+        match control::call(socket, &request) {
+            Ok(ControlReply::Refused(reason)) => Err(anyhow!(reason)),
+            Ok(reply) => Ok(reply),
+            Err(error) => Err(error).with_context(|| {
+                format!(
+                    "the running `blocktree up` did not answer on {}",
+                    socket.display()
+                )
+            }),
+        }
+    }
+
+    fn list(&self) -> Result<Vec<VolumeEntry>> {
+        match self {
+            Manager::Local { volumes, .. } => Ok(volumes.list()?.into_iter().map(entry).collect()),
+            Manager::Live(socket) => match Self::call(socket, ControlRequest::List)? {
+                ControlReply::Volumes(list) => Ok(list),
+                other => Err(unexpected(&other)),
+            },
+        }
+    }
+
+    fn create(&self, name: &str, size: u64, block_size: u32) -> Result<VolumeEntry> {
+        match self {
+            Manager::Local { volumes, .. } => Ok(entry(volumes.create(name, size, block_size)?)),
+            Manager::Live(socket) => {
+                let request = ControlRequest::Create {
+                    name: name.to_owned(),
+                    size,
+                    block_size,
+                };
+                match Self::call(socket, request)? {
+                    ControlReply::Created(volume) => Ok(volume),
+                    other => Err(unexpected(&other)),
+                }
+            }
+        }
+    }
+
+    fn resize(&self, name: &str, size: u64, shrink: bool) -> Result<(VolumeEntry, VolumeEntry)> {
+        match self {
+            Manager::Local { volumes, .. } => {
+                let (old, new) = volumes.resize(name, size, shrink)?;
+                Ok((entry(old), entry(new)))
+            }
+            Manager::Live(socket) => {
+                let request = ControlRequest::Resize {
+                    name: name.to_owned(),
+                    size,
+                    shrink,
+                };
+                match Self::call(socket, request)? {
+                    ControlReply::Resized { old, new } => Ok((old, new)),
+                    other => Err(unexpected(&other)),
+                }
+            }
+        }
+    }
+
+    fn delete(&self, name: &str) -> Result<VolumeEntry> {
+        match self {
+            Manager::Local { volumes, .. } => Ok(entry(volumes.delete(name)?)),
+            Manager::Live(socket) => {
+                let request = ControlRequest::Delete {
+                    name: name.to_owned(),
+                };
+                match Self::call(socket, request)? {
+                    ControlReply::Deleted(volume) => Ok(volume),
+                    other => Err(unexpected(&other)),
+                }
+            }
+        }
+    }
+}
+
+/// A volume of a store no server has open.
+fn entry(volume: Volume) -> VolumeEntry {
+    VolumeEntry {
+        name: volume.name,
+        size: volume.size,
+        block_size: volume.block_size,
+        connections: 0,
+    }
+}
+
+fn unexpected(reply: &ControlReply) -> anyhow::Error {
+    anyhow!("the running `blocktree up` answered with something else: {reply:?}")
 }
 
 /// The credential store of an existing appliance in `data`.
@@ -184,6 +331,17 @@ fn existing_store(data: &Path) -> Result<DomainStore> {
 /// Locks data directory `data` (creating it if needed): only one process may use
 /// its store at a time. The lock lasts as long as the returned file is open.
 pub(crate) fn lock_data_dir(data: &Path) -> Result<File> {
+    try_lock_data_dir(data)?.ok_or_else(|| {
+        anyhow!(
+            "{} is in use by another blocktree process (`blocktree up`, `mount`, `readcap` or \
+             `volume`); stop it first",
+            data.display()
+        )
+    })
+}
+
+/// [`lock_data_dir`], or `None` when another process holds the lock.
+fn try_lock_data_dir(data: &Path) -> Result<Option<File>> {
     std::fs::create_dir_all(data)
         .with_context(|| format!("cannot create the data directory {}", data.display()))?;
     let path = data.join(LOCK_FILE);
@@ -194,33 +352,12 @@ pub(crate) fn lock_data_dir(data: &Path) -> Result<File> {
         .open(&path)
         .with_context(|| format!("cannot open {}", path.display()))?;
     match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(TryLockError::WouldBlock) => Err(anyhow!(
-            "{} is in use by another blocktree process (`blocktree up` or `blocktree volume`); \
-             stop it first",
-            data.display()
-        )),
+        Ok(()) => Ok(Some(file)),
+        Err(TryLockError::WouldBlock) => Ok(None),
         Err(TryLockError::Error(error)) => {
             Err(error).with_context(|| format!("cannot lock {}", path.display()))
         }
     }
-}
-
-/// Locks `data` and opens its file system with `sector_size`-byte sectors for the
-/// files it creates.
-fn open(data: &Path, domain: DomainStore, sector_size: u32) -> Result<(File, Volumes)> {
-    let lock = lock_data_dir(data)?;
-    if domain.store.writecap().is_some() {
-        domain::check_writecap(&*domain.store, &domain.dir)?;
-    }
-    let creds: Arc<dyn CredStore> = domain.store.into();
-    let config = FsConfig {
-        sector_size,
-        ..FsConfig::default()
-    };
-    let fs = local::open_local(data, creds, config)
-        .with_context(|| format!("cannot open the Blocktree store in {}", data.display()))?;
-    Ok((lock, Volumes::new(Arc::new(fs), sector_size, false)))
 }
 
 /// `1 GiB`, `512 MiB`, or bytes when not a whole number of a unit.
@@ -233,7 +370,7 @@ pub(crate) fn size_text(bytes: u64) -> String {
     format!("{bytes} bytes")
 }
 
-fn print_list(volumes: &[Volume]) -> Result<()> {
+fn print_list(volumes: &[VolumeEntry], live: bool) -> Result<()> {
     if volumes.is_empty() {
         println!("no volumes (create one with `blocktree volume create NAME --size 1G`)");
         return Ok(());
@@ -244,15 +381,24 @@ fn print_list(volumes: &[Volume]) -> Result<()> {
         .max()
         .unwrap_or(0)
         .max(4);
-    println!("{:<width$}  {:>14}  {:>10}  BLOCK", "NAME", "BYTES", "SIZE");
+    // Connections are known only to the running server.
+    let header = format!("{:<width$}  {:>14}  {:>10}  BLOCK", "NAME", "BYTES", "SIZE");
+    match live {
+        true => println!("{header}  CONNECTIONS"),
+        false => println!("{header}"),
+    }
     for volume in volumes {
-        println!(
-            "{:<width$}  {:>14}  {:>10}  {}",
+        let line = format!(
+            "{:<width$}  {:>14}  {:>10}  {:<5}",
             volume.name,
             volume.size,
             size_text(volume.size),
             volume.block_size
         );
+        match live {
+            true => println!("{line}  {}", volume.connections),
+            false => println!("{}", line.trim_end()),
+        }
     }
     Ok(())
 }

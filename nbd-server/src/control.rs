@@ -1,0 +1,393 @@
+//! The control socket: how `blocktree volume` manages the volumes of a running
+//! server (create, list, resize, delete) while their exports stay up.
+//!
+//! `blocktree up` holds its data directory's lock, so no other process may open
+//! the store; it listens on a Unix socket in the data directory instead (mode
+//! 0600: only its owner, who could read the store's files anyway, may connect),
+//! and performs the requests on the volumes it serves. A volume created this way
+//! is exported at once; one with open connections is not deleted or shrunk.
+//!
+//! The wire format is one request and one reply per connection, each a frame
+//! `[length u32 BE][version u8][postcard body]` of at most [`MAX_FRAME`] bytes.
+//! The decoders ([`decode_request`], [`decode_reply`]) are fuzzed and never
+//! panic. The socket server needs the `server` feature.
+
+use serde::{Deserialize, Serialize};
+use std::io::{self, Read, Write};
+use thiserror::Error;
+
+/// The control socket's file name inside the data directory.
+pub const CONTROL_SOCKET: &str = "control.sock";
+
+/// The format version written first in every frame body.
+pub const CONTROL_VERSION: u8 = 1;
+
+/// The largest frame body either side accepts: a list of many volumes fits.
+pub const MAX_FRAME: usize = 1 << 20;
+
+/// What a client asks of the server.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlRequest {
+    /// Every volume, with its open connections.
+    List,
+    /// Create a volume (sparse).
+    Create {
+        /// Its name.
+        name: String,
+        /// Its size in bytes.
+        size: u64,
+        /// Its block size in bytes.
+        block_size: u32,
+    },
+    /// Change a volume's size.
+    Resize {
+        /// The volume.
+        name: String,
+        /// The new size in bytes.
+        size: u64,
+        /// Whether shrinking (dropping the end) is allowed.
+        shrink: bool,
+    },
+    /// Delete a volume and its data.
+    Delete {
+        /// The volume.
+        name: String,
+    },
+}
+
+/// A volume as the server reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeEntry {
+    /// Its name, the export name.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Block size in bytes.
+    pub block_size: u32,
+    /// NBD connections that have it open now.
+    pub connections: u32,
+}
+
+/// The server's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlReply {
+    /// The volumes, by name.
+    Volumes(Vec<VolumeEntry>),
+    /// The volume created.
+    Created(VolumeEntry),
+    /// The volume before and after a resize.
+    Resized {
+        /// Before.
+        old: VolumeEntry,
+        /// After.
+        new: VolumeEntry,
+    },
+    /// The volume deleted.
+    Deleted(VolumeEntry),
+    /// The request was refused or failed; the message says why.
+    Refused(String),
+}
+
+/// Why a control exchange failed.
+#[derive(Debug, Error)]
+pub enum ControlError {
+    /// The socket failed or timed out.
+    #[error("control socket: {0}")]
+    Io(#[from] io::Error),
+    /// A frame longer than [`MAX_FRAME`].
+    #[error("control frame of {0} bytes is longer than the limit of {MAX_FRAME}")]
+    TooLong(usize),
+    /// An empty frame, or a version this build does not read.
+    #[error("control frame version {0:?} is not {CONTROL_VERSION}")]
+    Version(Option<u8>),
+    /// The body does not decode.
+    #[error("malformed control frame: {0}")]
+    Malformed(String),
+}
+
+fn encode<T: Serialize>(message: &T) -> Vec<u8> {
+    let mut body = vec![CONTROL_VERSION];
+    // Serializing these plain enums to a Vec cannot fail.
+    body.extend(postcard::to_allocvec(message).unwrap_or_default());
+    body
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ControlError> {
+    if body.len() > MAX_FRAME {
+        return Err(ControlError::TooLong(body.len()));
+    }
+    match body.split_first() {
+        Some((&CONTROL_VERSION, rest)) => match postcard::take_from_bytes::<T>(rest) {
+            Ok((message, [])) => Ok(message),
+            Ok((_, extra)) => Err(ControlError::Malformed(format!(
+                "{} bytes after the message",
+                extra.len()
+            ))),
+            Err(error) => Err(ControlError::Malformed(error.to_string())),
+        },
+        Some((&version, _)) => Err(ControlError::Version(Some(version))),
+        None => Err(ControlError::Version(None)),
+    }
+}
+
+/// The body of a request frame.
+pub fn encode_request(request: &ControlRequest) -> Vec<u8> {
+    encode(request)
+}
+
+/// Decodes the body of a request frame.
+pub fn decode_request(body: &[u8]) -> Result<ControlRequest, ControlError> {
+    decode(body)
+}
+
+/// The body of a reply frame.
+pub fn encode_reply(reply: &ControlReply) -> Vec<u8> {
+    encode(reply)
+}
+
+/// Decodes the body of a reply frame.
+pub fn decode_reply(body: &[u8]) -> Result<ControlReply, ControlError> {
+    decode(body)
+}
+
+/// Reads one frame body, refusing lengths over [`MAX_FRAME`] before reading them.
+pub fn read_frame(reader: &mut impl Read) -> Result<Vec<u8>, ControlError> {
+    let mut length = [0u8; 4];
+    reader.read_exact(&mut length)?;
+    let length = u32::from_be_bytes(length) as usize;
+    if length > MAX_FRAME {
+        return Err(ControlError::TooLong(length));
+    }
+    let mut body = vec![0u8; length];
+    reader.read_exact(&mut body)?;
+    Ok(body)
+}
+
+/// Writes one frame.
+pub fn write_frame(writer: &mut impl Write, body: &[u8]) -> Result<(), ControlError> {
+    let length = u32::try_from(body.len())
+        .ok()
+        .filter(|length| *length as usize <= MAX_FRAME)
+        .ok_or(ControlError::TooLong(body.len()))?;
+    writer.write_all(&length.to_be_bytes())?;
+    writer.write_all(body)?;
+    writer.flush()?;
+    Ok(())
+}
+
+#[cfg(feature = "server")]
+pub use socket::{ControlServer, call};
+
+#[cfg(feature = "server")]
+mod socket {
+    use super::*;
+    use crate::volumes::{Volume, Volumes};
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::thread::JoinHandle;
+    use std::time::Duration;
+
+    /// How long a client has to send its request: a stuck client must not hold
+    /// up the next one for long.
+    const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+    /// How long a client waits for the reply: a resize makes the volume durable.
+    const REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+    /// The control socket of a running server; stops and removes the socket when
+    /// dropped.
+    pub struct ControlServer {
+        path: PathBuf,
+        stopping: Arc<AtomicBool>,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    impl ControlServer {
+        /// Listens on `path` (replacing a stale socket file there: the caller
+        /// holds the data directory's lock, so no other server uses it) and
+        /// serves requests on `volumes`, one at a time, on its own thread.
+        pub fn start(path: &Path, volumes: Arc<Volumes>) -> io::Result<ControlServer> {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(error) if error.kind() == io::ErrorKind::NotFound => {}
+                Err(error) => return Err(error),
+            }
+            let listener = UnixListener::bind(path)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            let stopping = Arc::new(AtomicBool::new(false));
+            let thread = {
+                let stopping = stopping.clone();
+                std::thread::Builder::new()
+                    .name("control".into())
+                    .spawn(move || accept_loop(listener, &volumes, &stopping))?
+            };
+            Ok(ControlServer {
+                path: path.to_owned(),
+                stopping,
+                thread: Some(thread),
+            })
+        }
+
+        /// The socket's path.
+        pub fn path(&self) -> &Path {
+            &self.path
+        }
+    }
+
+    impl Drop for ControlServer {
+        fn drop(&mut self) {
+            self.stopping.store(true, Ordering::Release);
+            // Wakes the accept; the loop sees the flag and returns.
+            let _ = UnixStream::connect(&self.path);
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    fn accept_loop(listener: UnixListener, volumes: &Volumes, stopping: &AtomicBool) {
+        for stream in listener.incoming() {
+            if stopping.load(Ordering::Acquire) {
+                return;
+            }
+            match stream {
+                Ok(stream) => {
+                    if let Err(error) = serve_one(stream, volumes) {
+                        tracing::warn!("control socket: {error}");
+                    }
+                }
+                Err(error) => tracing::warn!("control socket: accept failed: {error}"),
+            }
+        }
+    }
+
+    fn serve_one(mut stream: UnixStream, volumes: &Volumes) -> Result<(), ControlError> {
+        stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
+        stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+        let reply = match read_frame(&mut stream).and_then(|body| decode_request(&body)) {
+            Ok(request) => perform(volumes, request),
+            // A malformed request gets an answer saying so; the server goes on.
+            Err(error) => ControlReply::Refused(error.to_string()),
+        };
+        write_frame(&mut stream, &encode_reply(&reply))
+    }
+
+    fn entry(volumes: &Volumes, volume: Volume) -> VolumeEntry {
+        VolumeEntry {
+            connections: volumes.connections(volume.ino),
+            name: volume.name,
+            size: volume.size,
+            block_size: volume.block_size,
+        }
+    }
+
+    fn perform(volumes: &Volumes, request: ControlRequest) -> ControlReply {
+        let result = match request {
+            ControlRequest::List => volumes.list().map(|list| {
+                ControlReply::Volumes(list.into_iter().map(|v| entry(volumes, v)).collect())
+            }),
+            ControlRequest::Create {
+                name,
+                size,
+                block_size,
+            } => volumes
+                .create(&name, size, block_size)
+                .map(|volume| ControlReply::Created(entry(volumes, volume))),
+            ControlRequest::Resize { name, size, shrink } => volumes
+                .resize(&name, size, shrink)
+                .map(|(old, new)| ControlReply::Resized {
+                    old: entry(volumes, old),
+                    new: entry(volumes, new),
+                }),
+            ControlRequest::Delete { name } => volumes
+                .delete(&name)
+                .map(|volume| ControlReply::Deleted(entry(volumes, volume))),
+        };
+        result.unwrap_or_else(|error| ControlReply::Refused(error.to_string()))
+    }
+
+    /// Sends `request` to the server listening on `path` and returns its reply.
+    pub fn call(path: &Path, request: &ControlRequest) -> Result<ControlReply, ControlError> {
+        let mut stream = UnixStream::connect(path)?;
+        stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
+        stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
+        write_frame(&mut stream, &encode_request(request))?;
+        decode_reply(&read_frame(&mut stream)?)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_and_replies_round_trip_through_frames() {
+        let requests = [
+            ControlRequest::List,
+            ControlRequest::Create {
+                name: "vol1".into(),
+                size: 1 << 30,
+                block_size: 4096,
+            },
+            ControlRequest::Resize {
+                name: "vol1".into(),
+                size: 1 << 20,
+                shrink: true,
+            },
+            ControlRequest::Delete {
+                name: "vol1".into(),
+            },
+        ];
+        for request in requests {
+            let mut wire = Vec::new();
+            write_frame(&mut wire, &encode_request(&request)).unwrap();
+            let body = read_frame(&mut wire.as_slice()).unwrap();
+            assert_eq!(decode_request(&body).unwrap(), request);
+        }
+        let entry = VolumeEntry {
+            name: "vol0".into(),
+            size: 1 << 30,
+            block_size: 4096,
+            connections: 2,
+        };
+        let reply = ControlReply::Volumes(vec![entry.clone(), entry]);
+        assert_eq!(decode_reply(&encode_reply(&reply)).unwrap(), reply);
+    }
+
+    #[test]
+    fn bad_frames_are_errors() {
+        assert!(matches!(
+            decode_request(&[]),
+            Err(ControlError::Version(None))
+        ));
+        assert!(matches!(
+            decode_request(&[9, 0]),
+            Err(ControlError::Version(Some(9)))
+        ));
+        assert!(matches!(
+            decode_request(&[CONTROL_VERSION, 200]),
+            Err(ControlError::Malformed(_))
+        ));
+        let mut trailing = encode_request(&ControlRequest::List);
+        trailing.push(0);
+        assert!(matches!(
+            decode_request(&trailing),
+            Err(ControlError::Malformed(_))
+        ));
+        let huge = (MAX_FRAME as u32 + 1).to_be_bytes();
+        assert!(matches!(
+            read_frame(&mut huge.as_slice()),
+            Err(ControlError::TooLong(_))
+        ));
+        let truncated = [0, 0, 0, 9, CONTROL_VERSION];
+        assert!(matches!(
+            read_frame(&mut truncated.as_slice()),
+            Err(ControlError::Io(_))
+        ));
+    }
+}
