@@ -1,6 +1,7 @@
 //! NBD over TLS (`NBD_OPT_STARTTLS`, rustls on the server): libnbd's nbdinfo and
 //! qemu-img (GnuTLS) against `--tls require` with a certificate made by openssl
-//! for the test; plaintext clients refused; `--tls on` serving both.
+//! for the test; plaintext clients refused; `--tls on` serving both; with
+//! `--tls-client-ca`, only clients presenting a certificate from that CA.
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
@@ -82,6 +83,59 @@ fn certificates(dir: &Path) {
             "2",
             "-extfile",
             &path("server.ext"),
+        ],
+    );
+}
+
+/// A client certificate and key issued by the CA in `ca_dir`, in `dir`, named as
+/// GnuTLS clients (libnbd's `tls-certificates`, qemu's `tls-creds-x509`) look for
+/// them: client-cert.pem, client-key.pem, beside a copy of ca-cert.pem.
+fn client_certificate(ca_dir: &Path, dir: &Path) {
+    fs::create_dir_all(dir).unwrap();
+    let path = |name: &str| arg(&dir.join(name));
+    let ca = |name: &str| arg(&ca_dir.join(name));
+    fs::copy(ca_dir.join("ca-cert.pem"), dir.join("ca-cert.pem")).unwrap();
+    fs::write(
+        dir.join("client.ext"),
+        "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n",
+    )
+    .unwrap();
+    run(
+        "openssl",
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            &path("client-key.pem"),
+            "-out",
+            &path("client.csr"),
+            "-subj",
+            "/CN=blocktree test client",
+        ],
+    );
+    run(
+        "openssl",
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &path("client.csr"),
+            "-CA",
+            &ca("ca-cert.pem"),
+            "-CAkey",
+            &ca("ca-key.pem"),
+            "-CAcreateserial",
+            "-out",
+            &path("client-cert.pem"),
+            "-days",
+            "2",
+            "-extfile",
+            &path("client.ext"),
         ],
     );
 }
@@ -242,4 +296,85 @@ fn tls_options_are_checked_before_anything_starts() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("/nonexistent.pem"), "{stderr}");
+}
+
+#[test]
+fn a_client_ca_admits_only_clients_with_its_certificates() {
+    let data = Data::new();
+    let pki = data.path("pki");
+    certificates(&pki);
+    // A client of this CA; one without a certificate; one of another CA (which
+    // still trusts the server's CA, so only its own certificate is wrong).
+    let good = data.path("good-client");
+    client_certificate(&pki, &good);
+    let anonymous = data.path("anonymous-client");
+    fs::create_dir_all(&anonymous).unwrap();
+    fs::copy(pki.join("ca-cert.pem"), anonymous.join("ca-cert.pem")).unwrap();
+    let other_ca = data.path("other-pki");
+    certificates(&other_ca);
+    let stranger = data.path("stranger-client");
+    client_certificate(&other_ca, &stranger);
+    fs::copy(pki.join("ca-cert.pem"), stranger.join("ca-cert.pem")).unwrap();
+
+    // Only with --tls require: --tls on would let plaintext clients around it.
+    let ca = arg(&pki.join("ca-cert.pem"));
+    let mut args = tls_args(&pki, "on");
+    args.extend(["--tls-client-ca".to_owned(), ca.clone()]);
+    let mut up_args = vec!["up".to_owned(), "--data".to_owned(), arg(&data.data())];
+    up_args.extend(args);
+    let up_args: Vec<&str> = up_args.iter().map(String::as_str).collect();
+    let refused = data.blocktree_output(&up_args);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("--tls-client-ca needs --tls require"),
+        "{stderr}"
+    );
+
+    let mut args = tls_args(&pki, "require");
+    args.extend(["--tls-client-ca".to_owned(), ca]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let up = data.up(&args);
+    assert!(
+        up.field("nbd clients")
+            .starts_with("TLS clients with a certificate issued by a CA in"),
+        "{}",
+        up.stdout_text()
+    );
+    let uri = |dir: &Path| {
+        format!(
+            "nbds://127.0.0.1:{}/vol0?tls-certificates={}",
+            up.port,
+            arg(dir)
+        )
+    };
+    let info = run_text("nbdinfo", &[&uri(&good)]);
+    assert!(info.contains("with TLS"), "{info}");
+    let [object, creds, image_opts, spec] = qemu_tls(&good, up.port);
+    run(
+        "qemu-io",
+        &[
+            &object,
+            &creds,
+            &image_opts,
+            &spec,
+            "-c",
+            "write -P 0x6b 0 64k",
+            "-c",
+            "read -P 0x6b 0 64k",
+        ],
+    );
+    for refused in [&anonymous, &stranger] {
+        let output = run_failing("nbdinfo", &[&uri(refused)]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(!stdout.contains("export-size"), "{refused:?}: {stdout}");
+        let [object, creds, image_opts, spec] = qemu_tls(refused, up.port);
+        run_failing(
+            "qemu-io",
+            &[&object, &creds, &image_opts, &spec, "-c", "read 0 4k"],
+        );
+    }
+    // The server lives on after the refusals.
+    run_text("nbdinfo", &[&uri(&good)]);
+    up.stop();
 }

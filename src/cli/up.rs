@@ -65,7 +65,12 @@ their own --data and --nbd. SIGINT or SIGTERM stops: open connections finish the
 they sent, then every write is made durable.
 
 TLS (--tls on: offered with NBD_OPT_STARTTLS; --tls require: nothing else is accepted, \
-URI nbds://) needs --tls-cert and --tls-key (PEM; the certificate chain, server first).";
+URI nbds://) needs --tls-cert and --tls-key (PEM; the certificate chain, server first). \
+Without TLS client certificates, any client that reaches the port may use the volumes, as \
+with qemu-nbd and nbdkit: serve on a trusted network, or add --tls-client-ca FILE (with \
+--tls require) so that only clients presenting a certificate issued by a CA in FILE are \
+served (libnbd: nbds://HOST/vol0?tls-certificates=DIR with ca-cert.pem, client-cert.pem \
+and client-key.pem in DIR; qemu: --object tls-creds-x509,dir=DIR,endpoint=client).";
 
 /// Arguments of `blocktree up`.
 #[derive(Debug, Args)]
@@ -94,6 +99,10 @@ pub struct UpArgs {
     /// The TLS private key (PEM).
     #[arg(long, value_name = "FILE")]
     tls_key: Option<PathBuf>,
+    /// Serve only TLS clients whose certificate was issued by a CA in FILE (PEM);
+    /// needs --tls require.
+    #[arg(long, value_name = "FILE")]
+    tls_client_ca: Option<PathBuf>,
     /// Serve every volume read-only.
     #[arg(long)]
     read_only: bool,
@@ -123,12 +132,23 @@ impl From<TlsArg> for TlsMode {
     }
 }
 
-/// The TLS configuration `--tls`, `--tls-cert` and `--tls-key` ask for.
+/// The TLS configuration `--tls`, `--tls-cert`, `--tls-key` and
+/// `--tls-client-ca` ask for.
 fn tls_config(args: &UpArgs) -> Result<Option<blocktree_nbd::tls::TlsConfig>> {
+    if args.tls_client_ca.is_some() && args.tls != TlsArg::Require {
+        bail!(
+            "--tls-client-ca needs --tls require: otherwise plaintext clients would be served \
+             without a certificate"
+        );
+    }
     match (args.tls, &args.tls_cert, &args.tls_key) {
         (TlsArg::Off, None, None) => Ok(None),
         (TlsArg::Off, _, _) => bail!("--tls-cert and --tls-key need --tls on or --tls require"),
-        (_, Some(cert), Some(key)) => Ok(Some(blocktree_nbd::tls::server_config(cert, key)?)),
+        (_, Some(cert), Some(key)) => Ok(Some(blocktree_nbd::tls::server_config(
+            cert,
+            key,
+            args.tls_client_ca.as_deref(),
+        )?)),
         (_, _, _) => bail!("--tls on and --tls require need --tls-cert and --tls-key"),
     }
 }
@@ -158,6 +178,23 @@ fn volumes_text(volumes: &[Volume]) -> String {
         })
         .collect();
     names.join(", ")
+}
+
+/// Who may use the exports, for the report: the answer to the first question a
+/// storage operator asks of an NBD server.
+fn clients_text(args: &UpArgs) -> String {
+    match (&args.tls_client_ca, args.tls) {
+        (Some(ca), _) => format!(
+            "TLS clients with a certificate issued by a CA in {}",
+            absolute(ca).display()
+        ),
+        (None, TlsArg::Require) => {
+            "any TLS client (no client certificate asked for; see --tls-client-ca)".into()
+        }
+        (None, _) => {
+            "any client that reaches the address (no authentication; see --tls-client-ca)".into()
+        }
+    }
 }
 
 /// Runs `blocktree up`: provisions or checks the domain, opens the file system,
@@ -192,7 +229,8 @@ pub fn run(args: UpArgs) -> Result<()> {
         .field("keys kept by", store.kept_by())
         .field("root principal", format!("{root} ({root_note})"))
         .field("server principal", store.principal())
-        .field("writecap", format!("{path}, valid until {expires}"));
+        .field("writecap", format!("{path}, valid until {expires}"))
+        .field("nbd clients", clients_text(&args));
 
     let _lock = lock_data_dir(&args.data)?;
     let creds: Arc<dyn CredStore> = store.into();
