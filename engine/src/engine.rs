@@ -674,6 +674,66 @@ mod tests {
         engine.shutdown().unwrap();
     }
 
+    #[test]
+    fn partly_dead_segments_are_copied_only_past_the_amplification_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = EngineConfig::new(dir.path());
+        config.shards = 1;
+        config.segment_bytes = 512 << 10;
+        config.chunk_bytes = 128 << 10;
+        let engine = Engine::create(config, 1).unwrap();
+        let write = |indices: &mut dyn Iterator<Item = u64>, byte: u8| {
+            let mut batch = WriteBatch::new();
+            for index in indices {
+                batch.put(id(7, index), vec![byte; 4096]);
+            }
+            engine.write(batch).wait().unwrap();
+        };
+        write(&mut (0..256), 1);
+        // Two thirds rewritten: every old segment is a third live, a victim, but
+        // the shard holds well under twice its live bytes.
+        write(&mut (0..256).filter(|index| index % 3 != 0), 2);
+        engine.flush().wait().unwrap();
+        engine.checkpoint().unwrap();
+        let before = engine.stats().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let held = engine.stats().unwrap();
+        assert!(
+            held.disk_bytes >= before.disk_bytes,
+            "partly dead segments were copied below the limit: {before:?} -> {held:?}"
+        );
+
+        // Most sectors deleted: now over the limit, so the live ones move out.
+        let mut batch = WriteBatch::new();
+        for index in 64..256 {
+            batch.delete(id(7, index));
+        }
+        engine.write(batch).wait().unwrap();
+        engine.flush().wait().unwrap();
+        engine.checkpoint().unwrap();
+        let mut after = engine.stats().unwrap();
+        for _ in 0..250 {
+            if after.disk_bytes * 2 < before.disk_bytes {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            after = engine.stats().unwrap();
+        }
+        assert!(
+            after.disk_bytes * 2 < before.disk_bytes,
+            "compaction did not reclaim space: {before:?} -> {after:?}"
+        );
+        for index in 0..64 {
+            let expected = if index % 3 == 0 { 1 } else { 2 };
+            assert_eq!(
+                engine.read(id(7, index)).wait().unwrap(),
+                Some(vec![expected; 4096])
+            );
+        }
+        assert_eq!(engine.read(id(7, 100)).wait().unwrap(), None);
+        engine.shutdown().unwrap();
+    }
+
     /// Appends a chunk holding a Put of `target` to the end of its shard's last
     /// segment, stamped with `log_id`.
     fn plant_chunk(dir: &std::path::Path, shards: usize, target: &SectorId, log_id: u64) {

@@ -2,7 +2,12 @@
 //! a bounded share of the shard's writes, then deleting the segments.
 //!
 //! A segment is a victim when less than half of what was written into it is
-//! still live. A segment may be compacted only once a committed checkpoint lies after it:
+//! still live. A victim with nothing live costs nothing to reclaim and is taken at
+//! once; copying the live records out of a partly dead one costs a write for each,
+//! so that waits until the shard's segments hold more than [`MAX_AMPLIFICATION`]
+//! times its live bytes, or until a write found no room. Records overwritten soon
+//! after they were written (a sequential rewrite, a journal) then die in place
+//! instead of being copied first: log-structured cleaning's cost-benefit rule. A segment may be compacted only once a committed checkpoint lies after it:
 //! recovery then never needs to scan it, and every record it still holds that
 //! matters is either in that checkpoint's index or superseded by the log tail.
 //! Moved records are appended like any write (as standalone batch 0, which
@@ -35,6 +40,8 @@ const MAX_SPARES: usize = 4;
 const STEP_BYTES: i64 = 1 << 20;
 /// How much of a victim one read brings in.
 const WINDOW_BYTES: usize = 1 << 20;
+/// Segment bytes per live byte below which partly dead segments are left alone.
+const MAX_AMPLIFICATION: u64 = 2;
 /// Compaction credit per byte users write.
 const SHARE_NUMERATOR: i64 = 1;
 const SHARE_DENOMINATOR: i64 = 2;
@@ -53,6 +60,9 @@ pub(super) struct Compaction {
     pub moved_bytes: u64,
     /// The last stretch of a victim read: (segment, offset, bytes).
     window: Option<(u32, u64, AlignedBuf)>,
+    /// A write found no room since a segment was last reclaimed: copy out of
+    /// partly dead segments whatever the amplification.
+    pub space_pressure: bool,
 }
 
 struct Victim {
@@ -83,7 +93,20 @@ impl Compaction {
 }
 
 impl Shard {
+    /// Whether partly dead segments may be compacted now (see the module docs).
+    fn copying_allowed(&self) -> bool {
+        if self.compaction.space_pressure {
+            return true;
+        }
+        let (written, live) = self
+            .segments
+            .values()
+            .fold((0u64, 0u64), |(w, l), s| (w + s.written, l + s.live_bytes));
+        written > live.saturating_mul(MAX_AMPLIFICATION)
+    }
+
     fn pick_victim(&self) -> Option<u32> {
+        let copying = self.copying_allowed();
         self.segments
             .values()
             .filter(|segment| {
@@ -97,6 +120,7 @@ impl Shard {
                         .any(|(id, _)| *id == segment.id)
                     && segment.written > 0
                     && segment.live_bytes * 2 < segment.written
+                    && (segment.live_bytes == 0 || copying)
             })
             .min_by_key(|segment| segment.live_bytes * 1000 / segment.written)
             .map(|segment| segment.id)
@@ -267,6 +291,7 @@ impl Shard {
             }
             if let Some(segment) = self.segments.remove(&id) {
                 self.retire(segment);
+                self.compaction.space_pressure = false;
             }
         }
     }

@@ -770,6 +770,9 @@ impl Shard {
         let (segment, position) = match self.reserve(len as u64) {
             Ok(place) => place,
             Err(error) => {
+                if matches!(error, EngineError::NoSpace(_)) {
+                    self.compaction.space_pressure = true;
+                }
                 self.release(building.buffer);
                 self.fail_members(&building.members, error);
                 return;
