@@ -16,13 +16,6 @@ use std::path::Path;
 fn certificates(dir: &Path) {
     fs::create_dir_all(dir).unwrap();
     let path = |name: &str| arg(&dir.join(name));
-    fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n\
-         extendedKeyUsage=serverAuth\n\
-         keyUsage=critical,digitalSignature,keyEncipherment\n",
-    )
-    .unwrap();
     run(
         "openssl",
         &[
@@ -47,43 +40,14 @@ fn certificates(dir: &Path) {
             "keyUsage=critical,keyCertSign,cRLSign",
         ],
     );
-    run(
-        "openssl",
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &path("server-key.pem"),
-            "-out",
-            &path("server.csr"),
-            "-subj",
-            "/CN=localhost",
-        ],
-    );
-    run(
-        "openssl",
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &path("server.csr"),
-            "-CA",
-            &path("ca-cert.pem"),
-            "-CAkey",
-            &path("ca-key.pem"),
-            "-CAcreateserial",
-            "-out",
-            &path("server-cert.pem"),
-            "-days",
-            "2",
-            "-extfile",
-            &path("server.ext"),
-        ],
+    issue(
+        dir,
+        dir,
+        "server",
+        "/CN=localhost",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n\
+         extendedKeyUsage=serverAuth\n\
+         keyUsage=critical,digitalSignature,keyEncipherment\n",
     );
 }
 
@@ -92,14 +56,22 @@ fn certificates(dir: &Path) {
 /// them: client-cert.pem, client-key.pem, beside a copy of ca-cert.pem.
 fn client_certificate(ca_dir: &Path, dir: &Path) {
     fs::create_dir_all(dir).unwrap();
-    let path = |name: &str| arg(&dir.join(name));
-    let ca = |name: &str| arg(&ca_dir.join(name));
     fs::copy(ca_dir.join("ca-cert.pem"), dir.join("ca-cert.pem")).unwrap();
-    fs::write(
-        dir.join("client.ext"),
+    issue(
+        ca_dir,
+        dir,
+        "client",
+        "/CN=blocktree test client",
         "extendedKeyUsage=clientAuth\nkeyUsage=critical,digitalSignature\n",
-    )
-    .unwrap();
+    );
+}
+
+/// A P-256 key and a certificate for `subject` with `extensions`, signed by the
+/// CA in `ca_dir`: NAME-key.pem and NAME-cert.pem in `dir`.
+fn issue(ca_dir: &Path, dir: &Path, name: &str, subject: &str, extensions: &str) {
+    let path = |file: &str| arg(&dir.join(format!("{name}{file}")));
+    let ca = |file: &str| arg(&ca_dir.join(file));
+    fs::write(dir.join(format!("{name}.ext")), extensions).unwrap();
     run(
         "openssl",
         &[
@@ -111,11 +83,11 @@ fn client_certificate(ca_dir: &Path, dir: &Path) {
             "ec_paramgen_curve:P-256",
             "-nodes",
             "-keyout",
-            &path("client-key.pem"),
+            &path("-key.pem"),
             "-out",
-            &path("client.csr"),
+            &path(".csr"),
             "-subj",
-            "/CN=blocktree test client",
+            subject,
         ],
     );
     run(
@@ -124,18 +96,18 @@ fn client_certificate(ca_dir: &Path, dir: &Path) {
             "x509",
             "-req",
             "-in",
-            &path("client.csr"),
+            &path(".csr"),
             "-CA",
             &ca("ca-cert.pem"),
             "-CAkey",
             &ca("ca-key.pem"),
             "-CAcreateserial",
             "-out",
-            &path("client-cert.pem"),
+            &path("-cert.pem"),
             "-days",
             "2",
             "-extfile",
-            &path("client.ext"),
+            &path(".ext"),
         ],
     );
 }

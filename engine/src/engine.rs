@@ -624,6 +624,20 @@ mod tests {
         engine.shutdown().unwrap();
     }
 
+    /// Waits up to 5 s for compaction to bring the segments under half of
+    /// `before`'s bytes on disk.
+    fn await_reclaimed_half(engine: &Engine, before: &EngineStats) {
+        let mut after = engine.stats().unwrap();
+        for _ in 0..250 {
+            if after.disk_bytes * 2 < before.disk_bytes {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            after = engine.stats().unwrap();
+        }
+        panic!("compaction did not reclaim space: {before:?} -> {after:?}");
+    }
+
     #[test]
     fn compaction_reclaims_dead_segments_and_keeps_data() {
         let dir = tempfile::tempdir().unwrap();
@@ -643,18 +657,7 @@ mod tests {
         engine.flush().wait().unwrap();
         let before = engine.stats().unwrap();
         engine.checkpoint().unwrap();
-        let mut after = engine.stats().unwrap();
-        for _ in 0..200 {
-            if after.disk_bytes * 2 < before.disk_bytes {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            after = engine.stats().unwrap();
-        }
-        assert!(
-            after.disk_bytes * 2 < before.disk_bytes,
-            "compaction did not reclaim space: {before:?} -> {after:?}"
-        );
+        await_reclaimed_half(&engine, &before);
         for index in 0..64 {
             assert_eq!(
                 engine.read(id(9, index)).wait().unwrap(),
@@ -711,18 +714,7 @@ mod tests {
         engine.write(batch).wait().unwrap();
         engine.flush().wait().unwrap();
         engine.checkpoint().unwrap();
-        let mut after = engine.stats().unwrap();
-        for _ in 0..250 {
-            if after.disk_bytes * 2 < before.disk_bytes {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-            after = engine.stats().unwrap();
-        }
-        assert!(
-            after.disk_bytes * 2 < before.disk_bytes,
-            "compaction did not reclaim space: {before:?} -> {after:?}"
-        );
+        await_reclaimed_half(&engine, &before);
         for index in 0..64 {
             let expected = if index % 3 == 0 { 1 } else { 2 };
             assert_eq!(

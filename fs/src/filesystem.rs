@@ -895,20 +895,7 @@ impl FileSystem {
         umask: u32,
         flags: i32,
     ) -> FsResult<(Attr, u64)> {
-        let node = self.make(
-            caller,
-            parent,
-            name,
-            NewFile {
-                kind: FileKind::Regular,
-                mode: mode & !umask & 0o7777,
-                content: None,
-                sector_size: None,
-            },
-        )?;
-        let attr = Self::attr(&lock(&node));
-        let handle = self.add_handle(node, flags);
-        Ok((attr, handle))
+        self.create_regular(caller, parent, name, mode & !umask, flags, None)
     }
 
     /// Creates and opens a regular file whose data sectors are `sector_size`
@@ -930,15 +917,34 @@ impl FileSystem {
                 "a sector size must be a power of two from 512 B to 1 MiB, not {sector_size}"
             )));
         }
+        self.create_regular(
+            caller,
+            parent,
+            name,
+            mode & !umask,
+            flags,
+            Some(sector_size),
+        )
+    }
+
+    fn create_regular(
+        &self,
+        caller: &Caller,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        flags: i32,
+        sector_size: Option<u32>,
+    ) -> FsResult<(Attr, u64)> {
         let node = self.make(
             caller,
             parent,
             name,
             NewFile {
                 kind: FileKind::Regular,
-                mode: mode & !umask & 0o7777,
+                mode: mode & 0o7777,
                 content: None,
-                sector_size: Some(sector_size),
+                sector_size,
             },
         )?;
         let attr = Self::attr(&lock(&node));
