@@ -34,6 +34,9 @@ enum Command {
     Readcap(cli::readcap::ReadcapArgs),
     /// Create, list, resize and delete the volumes `up` exports over NBD.
     Volume(cli::volume::VolumeArgs),
+    /// The bootable appliance image: its init (PID 1) and a check of its configuration.
+    #[command(long_about = cli::appliance::LONG_ABOUT)]
+    Appliance(cli::appliance::ApplianceArgs),
 }
 
 fn main() -> ExitCode {
@@ -45,6 +48,7 @@ fn main() -> ExitCode {
         Command::Mount(args) => cli::mount::run(args),
         Command::Readcap(args) => cli::readcap::run(args),
         Command::Volume(args) => cli::volume::run(args),
+        Command::Appliance(args) => cli::appliance::run(args),
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

@@ -3,6 +3,7 @@
 //! Every rule about who may do what lives in `blocktree_core`; these modules turn
 //! command-line arguments into calls on it, and its answers into output.
 
+pub mod appliance;
 pub mod bench;
 pub mod domain;
 pub mod mount;
