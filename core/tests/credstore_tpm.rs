@@ -15,9 +15,9 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use blocktree_core::aead::{SymmetricKey, random_fill};
+use blocktree_core::aead::SymmetricKey;
 use blocktree_core::credstore::tpm::{Tcti, TpmCredStore};
 use blocktree_core::credstore::{
     CredStore, CredStoreError, ExportedRoot, FileCredStore, RootPublicKeys, RuntimeSigner,

@@ -60,8 +60,8 @@ Mount options (-o, comma separated, repeatable):
   nodev, nosuid, noexec, noatime, sync, dirsync, ... passed to the kernel as they are
 default_permissions is refused: Blocktree's Authorizer checks every request itself.
 
-Not built yet: --connect (mounting through a running appliance needs the network stack, \
-issue #6).";
+Not built yet: --connect (mounting through a running appliance needs its sector service \
+reachable over bttp, issue #7).";
 
 /// Arguments of `blocktree mount`.
 #[derive(Debug, Args)]
@@ -99,7 +99,7 @@ pub struct MountArgs {
     #[command(flatten)]
     store: NewStoreArg,
     /// Mount through a running appliance at ADDRESS instead of a local store.
-    /// Not built yet (issue #6).
+    /// Not built yet (issue #7).
     #[arg(long, value_name = "ADDRESS", conflicts_with_all = ["credentials", "root_password_file"])]
     connect: Option<String>,
     /// Log level of the daemon's messages on stderr: error, warn, info, debug or trace.
@@ -112,7 +112,8 @@ pub fn run(args: MountArgs) -> Result<()> {
     if let Some(address) = &args.connect {
         bail!(
             "--connect {address}: mounting through a running appliance is not built yet \
-             (it needs the network stack, issue #6); mount a local store with --data"
+             (it needs the sector service reachable over bttp, issue #7); mount a local store \
+             with --data"
         );
     }
     blocktree_fuse::log_to_stderr(args.log);
