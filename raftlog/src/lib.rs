@@ -6,14 +6,28 @@
 //! - [`verify`]: write verification (writecap chain, metadata signature, recomputed
 //!   Merkle root) and read authorization (readcap on the file or an ancestor).
 //! - [`pieces`]: how a file's Merkle tree is stored as Merkle pieces.
+//! - [`store`]: what both services share: the file cache, staging a verified
+//!   batch into sector puts and deletes, reads, notifications.
 //! - [`direct`]: [`DirectService`], the service on one local engine, unreplicated.
-//!   The openraft log (issue #7) replaces its commit step with a Raft append; the
-//!   API and the verification stay as they are.
+//! - [`raft`]: [`RaftService`], the service as an openraft cluster (issue #7):
+//!   [`logstore`] (the log on the engine), [`statemachine`] (the engine as the
+//!   state machine), [`network`] (Raft over bttp, streamed snapshots),
+//!   [`types`] and [`codec`] (entries and their versioned encoding).
 
+pub mod codec;
 pub mod direct;
+pub mod logstore;
+pub mod network;
 pub mod pieces;
+pub mod raft;
 pub mod service;
+pub mod statemachine;
+pub mod store;
+pub mod types;
 pub mod verify;
 
-pub use direct::{DirectService, GenerationInfo};
+pub use direct::DirectService;
+pub use network::ClusterStatus;
+pub use raft::{RaftConfig, RaftService, ReadMode, ScrubReport, query_status, read_member_file};
 pub use service::{FileWrite, ReadAccess, SectorBatch, SectorService, ServiceError};
+pub use store::GenerationInfo;

@@ -90,6 +90,17 @@ pub enum ServiceError {
     /// A request outside the API's rules (wrong generation, bad index, …).
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// This member of a replicated service does not lead its cluster: writes
+    /// (and linearizable reads) go to the leader, named here when known.
+    #[error("not the leader of the sector service's cluster; the leader is {}", leader.as_deref().unwrap_or("unknown (an election is under way)"))]
+    NotLeader {
+        /// The leader's Raft id and address, when known.
+        leader: Option<String>,
+    },
+    /// Replication failed or its outcome is unknown (the cluster lost its
+    /// leader or quorum while the request was in flight).
+    #[error("replication: {0}")]
+    Replication(String),
     /// The engine failed; its message says whether anything was stored.
     #[error(transparent)]
     Engine(#[from] EngineError),
