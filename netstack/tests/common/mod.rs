@@ -2,10 +2,8 @@
 //! `bttp-node` processes on 127.0.0.1.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use blocktree_core::credstore::{CredStore, FileCredStore, KdfParams};
+use blocktree_core::credstore::{CredStore, FileCredStore};
 use blocktree_core::keys::{Signer, SigningKeyPair};
-use blocktree_core::provision::{WritecapRequest, approve};
-use blocktree_core::time::Timestamp;
 use blocktree_core::writecap::Writecap;
 use blocktree_core::{BtPath, PrincipalId};
 use blocktree_netstack::echo::{EchoReply, EchoRequest};
@@ -20,65 +18,17 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tempfile::TempDir;
 
-pub const PASSWORD: &str = "test root password";
-
-/// A domain: a root in a file credential store, and runtime stores approved by it.
-pub struct Domain {
-    pub dir: TempDir,
-    root_store: FileCredStore,
-    pub root: PrincipalId,
-}
+mod domain;
+pub use domain::Domain;
 
 impl Domain {
-    pub fn new() -> Domain {
-        let dir = tempfile::tempdir().unwrap();
-        let mut root_store = FileCredStore::create(dir.path().join("root"))
-            .unwrap()
-            .with_kdf_params(KdfParams {
-                memory_kib: 1024,
-                iterations: 1,
-                parallelism: 1,
-            })
-            .unwrap();
-        let root = root_store.generate_root(PASSWORD).unwrap().principal();
-        Domain {
-            dir,
-            root_store,
-            root,
-        }
-    }
-
-    pub fn path(&self, components: &[&str]) -> BtPath {
-        components
-            .iter()
-            .fold(BtPath::root_of(self.root), |path, c| path.join(c).unwrap())
-    }
-
-    pub fn root_signer(&self) -> Box<dyn Signer + '_> {
-        self.root_store.root_signer(PASSWORD).unwrap()
-    }
-
     /// A runtime store at `components` with a writecap approved by the root.
     pub fn store(&self, components: &[&str]) -> RuntimeStore {
         let dir = self.dir.path().join(components.join("_"));
-        let mut store = FileCredStore::create(&dir).unwrap();
-        let path = self.path(components);
-        let request = WritecapRequest::new(&store, Some(path.clone())).unwrap();
-        let now = Timestamp::now();
-        let writecap = approve(
-            &request,
-            &*self.root_signer(),
-            None,
-            None,
-            now.after(Duration::from_secs(3600)),
-            now,
-        )
-        .unwrap();
-        store.set_writecap(writecap).unwrap();
+        let (principal, path) = self.approved_store(&dir, components);
         RuntimeStore {
-            principal: store.principal(),
+            principal,
             dir,
             path,
         }

@@ -2,53 +2,20 @@
 //! `raft-node` members on 127.0.0.1 driven over their standard input.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use blocktree_core::credstore::{CredStore, FileCredStore, KdfParams};
-use blocktree_core::provision::{WritecapRequest, approve};
-use blocktree_core::time::Timestamp;
-use blocktree_core::{BtPath, PrincipalId};
+use blocktree_core::BtPath;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
-use tempfile::TempDir;
 
-pub const PASSWORD: &str = "test root password";
+#[path = "../../../netstack/tests/common/domain.rs"]
+mod domain;
+pub use domain::Domain;
 
-/// A domain: a root, the cluster's directory `/<root>/cluster`, member stores
-/// with writecaps for `/<root>/cluster/<name>` and a writer whose writecap
-/// covers the whole directory.
-pub struct Domain {
-    pub dir: TempDir,
-    root_store: FileCredStore,
-    pub root: PrincipalId,
-}
-
+/// The cluster's directory is `/<root>/cluster`; member stores have writecaps
+/// for `/<root>/cluster/<name>`, a writer's covers the whole directory.
 impl Domain {
-    pub fn new() -> Domain {
-        let dir = tempfile::tempdir().unwrap();
-        let mut root_store = FileCredStore::create(dir.path().join("root"))
-            .unwrap()
-            .with_kdf_params(KdfParams {
-                memory_kib: 1024,
-                iterations: 1,
-                parallelism: 1,
-            })
-            .unwrap();
-        let root = root_store.generate_root(PASSWORD).unwrap().principal();
-        Domain {
-            dir,
-            root_store,
-            root,
-        }
-    }
-
-    pub fn path(&self, components: &[&str]) -> BtPath {
-        components
-            .iter()
-            .fold(BtPath::root_of(self.root), |path, c| path.join(c).unwrap())
-    }
-
     /// The cluster's directory.
     pub fn directory(&self) -> BtPath {
         self.path(&["cluster"])
@@ -60,21 +27,7 @@ impl Domain {
             .dir
             .path()
             .join(format!("creds-{}", components.join("_")));
-        let mut store = FileCredStore::create(&dir).unwrap();
-        let path = self.path(components);
-        let request = WritecapRequest::new(&store, Some(path.clone())).unwrap();
-        let now = Timestamp::now();
-        let signer = self.root_store.root_signer(PASSWORD).unwrap();
-        let writecap = approve(
-            &request,
-            &*signer,
-            None,
-            None,
-            now.after(Duration::from_secs(3600)),
-            now,
-        )
-        .unwrap();
-        store.set_writecap(writecap).unwrap();
+        let (_, path) = self.approved_store(&dir, components);
         (dir, path)
     }
 }
