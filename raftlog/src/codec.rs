@@ -23,6 +23,8 @@ pub enum RaftKind {
     LogId = 3,
     /// The state machine's applied state ([`crate::statemachine::AppliedState`]).
     AppliedState = 4,
+    /// A sector batch a follower forwards to the leader ([`crate::forward`]).
+    SectorBatch = 5,
 }
 
 /// Why bytes did not decode.

@@ -12,10 +12,14 @@
 //! - [`raft`]: [`RaftService`], the service as an openraft cluster (issue #7):
 //!   [`logstore`] (the log on the engine), [`statemachine`] (the engine as the
 //!   state machine), [`network`] (Raft over bttp, streamed snapshots),
-//!   [`types`] and [`codec`] (entries and their versioned encoding).
+//!   [`types`] and [`codec`] (entries and their versioned encoding),
+//!   [`forward`] (a batch a follower forwards to the leader) and `lease`
+//!   (the leader's read lease).
 
 pub mod codec;
 pub mod direct;
+pub mod forward;
+mod lease;
 pub mod logstore;
 pub mod network;
 pub mod pieces;
@@ -28,6 +32,8 @@ pub mod verify;
 
 pub use direct::DirectService;
 pub use network::ClusterStatus;
-pub use raft::{RaftConfig, RaftService, ReadMode, ScrubReport, query_status, read_member_file};
+pub use raft::{
+    RaftConfig, RaftService, ReadMode, ScrubReport, query_status, query_status_at, read_member_file,
+};
 pub use service::{FileWrite, ReadAccess, SectorBatch, SectorService, ServiceError};
 pub use store::GenerationInfo;

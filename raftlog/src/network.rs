@@ -36,8 +36,8 @@ use openraft::storage::Snapshot;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use std::future::Future;
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 /// Bytes of sector records per snapshot chunk.
 pub const SNAPSHOT_CHUNK_BYTES: usize = 4 << 20;
@@ -123,6 +123,40 @@ pub enum RaftMessage {
         /// (inode, sector) of each.
         sectors: Vec<(u64, SectorKind)>,
     },
+    /// From a follower: write this batch (a [`crate::forward`] encoding),
+    /// answered with the log index of the applied entry.
+    ForwardWrite {
+        /// The encoded `SectorBatch`.
+        batch: ByteBuf,
+    },
+    /// From a follower: reserve inode numbers for it.
+    ReserveInodes,
+    /// From a follower: the log index a linearizable read must wait for.
+    ReadIndex,
+    /// From a member: it now listens at `member` (the sender's proved path
+    /// replaces `member.path`).
+    UpdateNode {
+        /// The member's Raft id.
+        node: NodeId,
+        /// Where it listens now.
+        member: MemberNode,
+    },
+}
+
+/// What kind of [`crate::ServiceError`] a forwarded request failed with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FailureKind {
+    /// The writecap or signature does not verify.
+    Unauthorized,
+    /// The records do not match the signed tree.
+    Inconsistent,
+    /// The file does not exist.
+    NotFound,
+    /// A request outside the API's rules.
+    Invalid,
+    /// Replication failed or its outcome is unknown; also engine failures
+    /// on the leader.
+    Replication,
 }
 
 /// A member's view of its cluster (`blocktree cluster status`).
@@ -181,6 +215,32 @@ pub enum RaftReply {
     },
     /// Refused, and why.
     Refused(String),
+    /// To `ForwardWrite`: the batch is applied at this log index.
+    Applied {
+        /// The entry's log index.
+        index: u64,
+    },
+    /// To `ReserveInodes`: inode numbers `start..end` are the sender's.
+    Inodes {
+        /// The first.
+        start: u64,
+        /// One past the last.
+        end: u64,
+    },
+    /// To `ReadIndex`: apply at least up to this index, then read.
+    ReadIndex {
+        /// The index (`None`: the log is empty).
+        index: Option<u64>,
+    },
+    /// A forwarded request failed on the leader.
+    Failed {
+        /// How.
+        kind: FailureKind,
+        /// The file concerned (0 when none).
+        inode: u64,
+        /// The leader's message.
+        reason: String,
+    },
 }
 
 /// The service path of member `node`'s raft service.
@@ -196,6 +256,73 @@ pub fn raft_service_path(directory: &BtPath, node: NodeId) -> Option<BtPath> {
 /// clients that know only a member's path and address (status, join).
 pub fn control_service_path(member: &BtPath) -> Option<BtPath> {
     member.join("raft-control").ok()
+}
+
+/// The control service every member also registers under a path derived
+/// from the cluster's directory alone, for clients that know only a
+/// member's address (they find its runtime path at the handshake, see
+/// [`call_control_at`]).
+pub fn directory_control_path(directory: &BtPath) -> Option<BtPath> {
+    directory
+        .join(".raft")
+        .and_then(|path| path.join("control"))
+        .ok()
+}
+
+/// Calls the control service of the member listening at `addr`, knowing only
+/// that the cluster's directory contains `own` (the caller's runtime path).
+///
+/// The member's runtime path is learnt from the handshake: a dial for a path
+/// its writecap does not cover is refused by our verifier, which reports the
+/// path the writecap does cover; that path is then dialled and verified as
+/// usual, so nothing learnt this way is trusted before it is checked. A
+/// member whose writecap covers the probed path (one holding a writecap for
+/// the whole directory) answers at once under the directory's control
+/// service, tried for each ancestor of `own`, longest first.
+pub(crate) async fn call_control_at(
+    runtime: &Runtime,
+    own: &BtPath,
+    addr: std::net::SocketAddr,
+    message: RaftMessage,
+) -> Result<RaftReply, blocktree_netstack::BttpError> {
+    use blocktree_core::writecap::WritecapError;
+    use blocktree_netstack::BttpError;
+    use blocktree_netstack::frame::ErrorCode;
+    use blocktree_netstack::verify::VerifyError;
+    let no_route = || BttpError::NoRoute(format!("a member at {addr}"));
+    let probe = own.join(".raft-probe").map_err(|_| no_route())?;
+    let mut candidate = own.parent();
+    while let Some(directory) = candidate {
+        let service = directory_control_path(&directory).ok_or_else(no_route)?;
+        runtime.add_peer(probe.clone(), addr, [service.clone()]);
+        let name = ServiceName {
+            service,
+            scope: probe.clone(),
+            rootward: true,
+            id: ServiceId::name("raft").map_err(|_| no_route())?,
+        };
+        match runtime.call(name, message.clone(), CONTROL_TIMEOUT).await {
+            Err(BttpError::PeerRejected {
+                error: VerifyError::Writecap { error, .. },
+                ..
+            }) if matches!(*error, WritecapError::PathNotCovered { .. }) => {
+                runtime.remove_peer(&probe);
+                let WritecapError::PathNotCovered { covered, .. } = *error else {
+                    return Err(no_route());
+                };
+                return call_control(runtime, &covered, addr, message).await;
+            }
+            Err(BttpError::Rejected { error, .. }) if error.code == ErrorCode::NoSuchService => {
+                candidate = directory.parent();
+            }
+            other => {
+                runtime.remove_peer(&probe);
+                return other;
+            }
+        }
+    }
+    runtime.remove_peer(&probe);
+    Err(no_route())
 }
 
 /// Calls the control service of the member at `path`/`addr`.
@@ -265,6 +392,13 @@ pub(crate) struct NetworkShared {
     receiving: tokio::sync::Mutex<Option<Receiving>>,
     /// Snapshot transfers received in full (for tests and status).
     pub(crate) snapshots_installed: Mutex<u64>,
+    /// The running member, for requests forwarded by followers (weak: the
+    /// member owns this).
+    pub(crate) member: OnceLock<Weak<crate::raft::Member>>,
+    /// Until when vote requests are refused: a restarted member has
+    /// forgotten which leader it last acknowledged, and must not help elect
+    /// another inside that leader's read lease ([`crate::lease`]).
+    votes_from: Instant,
 }
 
 impl NetworkShared {
@@ -272,6 +406,7 @@ impl NetworkShared {
         runtime: Runtime,
         directory: BtPath,
         machine: Arc<MachineShared>,
+        vote_guard: Duration,
     ) -> NetworkShared {
         NetworkShared {
             runtime,
@@ -280,7 +415,14 @@ impl NetworkShared {
             raft: OnceLock::new(),
             receiving: tokio::sync::Mutex::new(None),
             snapshots_installed: Mutex::new(0),
+            member: OnceLock::new(),
+            votes_from: Instant::now() + vote_guard,
         }
+    }
+
+    /// The running member, unless it is starting or stopping.
+    fn member(&self) -> Option<Arc<crate::raft::Member>> {
+        self.member.get().and_then(Weak::upgrade)
     }
 }
 
@@ -664,13 +806,16 @@ pub(crate) fn register_service(
         .path()
         .and_then(control_service_path)
         .ok_or_else(|| blocktree_netstack::BttpError::Config("no control service path".into()))?;
-    let for_control = shared.clone();
-    runtime.register_service(service, move |_id, mailbox| {
-        tokio::spawn(serve(shared.clone(), mailbox));
+    let directory_control = directory_control_path(&shared.directory).ok_or_else(|| {
+        blocktree_netstack::BttpError::Config("no directory control service path".into())
     })?;
-    runtime.register_service(control, move |_id, mailbox| {
-        tokio::spawn(serve(for_control.clone(), mailbox));
-    })
+    for path in [service, control, directory_control] {
+        let shared = shared.clone();
+        runtime.register_service(path, move |_id, mailbox| {
+            tokio::spawn(serve(shared.clone(), mailbox));
+        })?;
+    }
+    Ok(())
 }
 
 async fn serve(shared: Arc<NetworkShared>, mut mailbox: Mailbox) {
@@ -719,6 +864,9 @@ async fn handle(shared: &NetworkShared, peer: &Peer, message: RaftMessage) -> Ra
             Ok(response) => RaftReply::AppendEntries(response),
             Err(error) => RaftReply::Refused(error.to_string()),
         },
+        RaftMessage::Vote(_) if Instant::now() < shared.votes_from => {
+            RaftReply::Refused("the member has just started and does not vote yet".into())
+        }
         RaftMessage::Vote(request) => match raft.vote(request).await {
             Ok(response) => RaftReply::Vote(response),
             Err(error) => RaftReply::Refused(error.to_string()),
@@ -745,6 +893,27 @@ async fn handle(shared: &NetworkShared, peer: &Peer, message: RaftMessage) -> Ra
         RaftMessage::FetchSectors { sectors } => fetch_sectors(shared, sectors).await,
         RaftMessage::Status => {
             RaftReply::Status(crate::raft::status_of(shared.machine.as_ref(), raft).await)
+        }
+        RaftMessage::UpdateNode { node, member } => {
+            let member = MemberNode {
+                addr: member.addr,
+                path: Some(peer_path),
+            };
+            crate::raft::update_member(shared, raft, node, peer_id, member).await
+        }
+        RaftMessage::ReadIndex => match shared.member() {
+            Some(member) => member.serve_read_index().await,
+            None => RaftReply::Refused("the member is starting".into()),
+        },
+        message @ (RaftMessage::ForwardWrite { .. } | RaftMessage::ReserveInodes) => {
+            let Some(member) = shared.member() else {
+                return RaftReply::Refused("the member is starting".into());
+            };
+            // The leader's write path blocks (file locks held while the
+            // entry commits): run it off the runtime's workers.
+            tokio::task::spawn_blocking(move || member.serve_forwarded(message))
+                .await
+                .unwrap_or_else(|error| RaftReply::Refused(error.to_string()))
         }
     }
 }

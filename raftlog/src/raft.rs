@@ -15,19 +15,25 @@
 //!
 //! Writes: the leader verifies and stages the batch ([`crate::store`]) while
 //! holding its files' locks, proposes the staged batch as one entry and
-//! returns once the entry is applied. A member that is not the leader refuses
-//! with [`ServiceError::NotLeader`], naming the leader and its address. Reads
-//! are linearizable by default (openraft's read index, `ensure_linearizable`,
-//! before the engine is read); [`ReadMode::Follower`] reads the local engine.
+//! returns once the entry is applied. A follower with a network forwards
+//! writes, inode reservations and read-index requests to the leader and
+//! waits until it has applied what the leader answered; without a network a
+//! member that does not lead refuses with [`ServiceError::NotLeader`]. Reads
+//! are linearizable by default: free on a one-voter leader, under a lease
+//! ([`crate::lease`]) or after a read-index round on a larger cluster's
+//! leader, through the leader's read index on a follower;
+//! [`ReadMode::Follower`] reads the local engine.
 
 use crate::direct::{INFO_FILE, read_info, write_info};
+use crate::lease::ReadLease;
 use crate::logstore::EngineLogStore;
 use crate::network::{
-    self, BttpNetworkFactory, CONTROL_TIMEOUT, ClusterStatus, NetworkShared, RaftMessage, RaftReply,
+    self, BttpNetworkFactory, CONTROL_TIMEOUT, ClusterStatus, FailureKind, NetworkShared,
+    RaftMessage, RaftReply,
 };
 use crate::service::{ReadAccess, SectorBatch, SectorService, ServiceError};
 use crate::statemachine::{
-    EngineConfigFn, INCOMING_DIR, MachineShared, SectorStateMachine, read_applied,
+    EngineConfigFn, INCOMING_DIR, MachineShared, SectorStateMachine, read_applied, write_applied,
 };
 use crate::store::{GenerationInfo, SectorStore, lock, write_file_durably};
 use crate::types::{MemberNode, NodeId, Raft, RaftRequest, node_id_of};
@@ -39,7 +45,7 @@ use blocktree_netstack::{
     AccessPolicy, Credentials, Limits, Runtime, RuntimeConfig, RuntimeRecord,
 };
 use crossbeam_channel::Receiver;
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{ChangeMembers, ServerState};
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -76,8 +82,8 @@ pub struct ScrubReport {
 /// Where reads are served from.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ReadMode {
-    /// Only on the leader, after confirming leadership with a quorum (read
-    /// index): a read sees every write acknowledged before it started.
+    /// A read sees every write acknowledged before it started (on any member:
+    /// see the module documentation for what that costs).
     #[default]
     Linearizable,
     /// From this member's engine as applied so far: possibly stale.
@@ -156,20 +162,33 @@ impl RaftConfig {
 
 /// The sector service of one generation, replicated with Raft.
 pub struct RaftService {
+    member: Arc<Member>,
+    log_engine: Engine,
+    tokio: Option<tokio::runtime::Runtime>,
+}
+
+/// A running member: what [`RaftService`] does, shared with the network's
+/// handlers, which serve the requests followers forward to the leader.
+pub(crate) struct Member {
     store: Arc<SectorStore>,
     machine: Arc<MachineShared>,
     network: Option<Arc<NetworkShared>>,
     raft: Raft,
-    log_engine: Engine,
-    tokio: Option<tokio::runtime::Runtime>,
+    /// The member's Tokio runtime (owned by [`RaftService`]).
+    handle: tokio::runtime::Handle,
     dir: PathBuf,
     read_mode: ReadMode,
     write_timeout: Duration,
     /// Inode numbers reserved for this member and not yet handed out.
     inodes: Mutex<std::ops::Range<u64>>,
+    /// Held while a reservation is proposed on the leader: each reads the
+    /// next free inode before proposing, so two must not overlap.
+    reserving: Mutex<()>,
     /// The leadership this member last saw itself hold, and the last log
-    /// index when it began (see [`RaftService::ensure_leader_ready`]).
+    /// index when it began (see [`Member::ensure_leader_ready`]).
     leader_ready: Mutex<Option<(openraft::LeaderId<NodeId>, u64)>>,
+    /// The leader's read lease (multi-member clusters).
+    lease: ReadLease,
 }
 
 fn io(context: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> ServiceError {
@@ -226,10 +245,55 @@ impl RaftService {
     ) -> Result<RaftService, ServiceError> {
         if RaftService::exists(&config.dir) {
             RaftService::open(config)
+        } else if config.dir.join(INFO_FILE).exists()
+            && config.dir.join(crate::direct::ENGINE_DIR).exists()
+            && !config.dir.join(LOG_DIR).exists()
+        {
+            // A generation `DirectService` wrote (never a member: those have
+            // a log, also when a join failed half-way).
+            RaftService::upgrade(config)
         } else {
             let info = info()?;
             RaftService::create(config, info)
         }
+    }
+
+    /// Makes the pre-Raft store `DirectService` left in `config.dir` a
+    /// one-member cluster, in place: the engine (its sectors) becomes the
+    /// state machine, and the cluster's inode counter starts past every
+    /// number `DirectService` handed out (kept in the engine's superblock).
+    fn upgrade(config: RaftConfig) -> Result<RaftService, ServiceError> {
+        let info = read_info(&config.dir)?;
+        let engine = Engine::open((config.engine)(config.dir.join(crate::direct::ENGINE_DIR)))?;
+        // Reserving one number is how the superblock's counter is read; the
+        // number is never used.
+        let reached = engine.allocate_inodes(1)?.end;
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(io("starting a runtime to upgrade", &config.dir))?;
+        let raised = runtime.block_on(async {
+            let mut applied = read_applied(&engine, info.generation).await?;
+            applied.next_inode = applied.next_inode.max(reached);
+            write_applied(&engine, info.generation, &applied).await
+        });
+        let stopped = engine.shutdown();
+        raised.map_err(raft_failure)?;
+        stopped?;
+        drop(engine);
+        let node = match &config.credentials {
+            Some(credentials) => node_id_of(&credentials.principal()),
+            None => random_node_id(),
+        };
+        // Written last: until it exists the directory is still a pre-Raft
+        // store, and upgrading again is harmless.
+        write_node(&config.dir, node)?;
+        tracing::info!(
+            dir = %config.dir.display(),
+            next_inode = reached,
+            "upgraded a pre-Raft store to a one-member cluster"
+        );
+        RaftService::start(config, true)
     }
 
     /// Makes this (new, empty) data directory a member of the cluster the
@@ -245,16 +309,42 @@ impl RaftService {
         peer_addr: SocketAddr,
         peer_path: BtPath,
     ) -> Result<RaftService, ServiceError> {
+        let credentials = RaftService::joining(&config)?;
+        let status = query_status(&credentials, peer_addr, peer_path)?;
+        RaftService::join_with(config, credentials, status)
+    }
+
+    /// [`RaftService::join`] knowing only a member's address (`blocktree
+    /// join --data D --listen A <peer addr>`): the member's runtime path is
+    /// found at the handshake ([`query_status_at`]).
+    pub fn join_address(
+        config: RaftConfig,
+        peer_addr: SocketAddr,
+    ) -> Result<RaftService, ServiceError> {
+        let credentials = RaftService::joining(&config)?;
+        let status = query_status_at(&credentials, peer_addr)?;
+        RaftService::join_with(config, credentials, status)
+    }
+
+    /// The credentials to join with, if `config` may join.
+    fn joining(config: &RaftConfig) -> Result<Credentials, ServiceError> {
         let credentials = config.credentials.clone().ok_or_else(|| {
             ServiceError::Invalid("joining a cluster needs credentials with a writecap".into())
         })?;
-        if RaftService::exists(&config.dir) {
+        if RaftService::exists(&config.dir) || config.dir.join(INFO_FILE).exists() {
             return Err(ServiceError::Invalid(format!(
-                "{} already holds a member; open it instead of joining",
+                "{} already holds a generation; open it instead of joining",
                 config.dir.display()
             )));
         }
-        let status = query_status(&credentials, peer_addr, peer_path.clone())?;
+        Ok(credentials)
+    }
+
+    fn join_with(
+        config: RaftConfig,
+        credentials: Credentials,
+        status: ClusterStatus,
+    ) -> Result<RaftService, ServiceError> {
         let info = GenerationInfo {
             generation: status.generation,
             directory: status.directory.clone(),
@@ -271,7 +361,7 @@ impl RaftService {
         let joined = write_info(&dir, &info)
             .and_then(|()| write_node(&dir, node_id_of(&credentials.principal())))
             .and_then(|()| RaftService::start(config, false))
-            .and_then(|service| service.request_join(status).map(|()| service));
+            .and_then(|service| service.member.request_join(status).map(|()| service));
         if joined.is_err() {
             // Leave the directory as it was, so that the join can be retried.
             for name in [INFO_FILE, NODE_FILE, MEMBER_FILE] {
@@ -318,6 +408,7 @@ impl RaftService {
         };
         let store = Arc::new(SectorStore::new(engine.clone(), info.clone()));
         let raft_config = Arc::new(config.raft_config()?);
+        let election_timeout_min = Duration::from_millis(raft_config.election_timeout_min);
         let started = tokio.block_on(async {
             let applied = read_applied(&engine, info.generation)
                 .await
@@ -340,6 +431,7 @@ impl RaftService {
                         config.listen,
                         &info.directory,
                         machine.clone(),
+                        election_timeout_min,
                     )?;
                     (Some(network), member)
                 }
@@ -390,9 +482,23 @@ impl RaftService {
                     .await
                     .map_err(raft_failure)?;
             }
-            Ok::<_, ServiceError>((machine, network, raft, member))
+            // A member that moved (or first got a network) brings its entry
+            // in the membership up to date once it runs.
+            // (The applied membership: openraft's metrics may not report the
+            // stored state yet this early.)
+            let recorded = machine
+                .applied()
+                .membership
+                .membership()
+                .get_node(&node)
+                .cloned();
+            let update_address = match recorded {
+                Some(recorded) if network.is_some() && recorded != member => Some(member.clone()),
+                _ => None,
+            };
+            Ok::<_, ServiceError>((machine, network, raft, member, update_address))
         })?;
-        let (machine, network, raft, member) = started;
+        let (machine, network, raft, member, update_address) = started;
         if network.is_some() {
             write_file_durably(
                 &config.dir.join(MEMBER_FILE),
@@ -408,27 +514,125 @@ impl RaftService {
                 .as_bytes(),
             )?;
         }
-        Ok(RaftService {
+        let member = Arc::new(Member {
             store,
             machine,
             network,
             raft,
-            log_engine,
-            tokio: Some(tokio),
+            handle: tokio.handle().clone(),
             dir: config.dir,
             read_mode: config.read_mode,
             write_timeout: config.write_timeout,
             inodes: Mutex::new(0..0),
+            reserving: Mutex::new(()),
             leader_ready: Mutex::new(None),
-        })
+            lease: ReadLease::new(election_timeout_min),
+        });
+        if let Some(network) = &member.network {
+            let _ = network.member.set(Arc::downgrade(&member));
+        }
+        let service = RaftService {
+            member,
+            log_engine,
+            tokio: Some(tokio),
+        };
+        if let Some(update) = update_address {
+            service.member.keep_address_current(update)?;
+        }
+        Ok(service)
+    }
+}
+
+impl RaftService {
+    /// This member's Raft id.
+    pub fn node_id(&self) -> NodeId {
+        self.member.node_id()
     }
 
+    /// The address this member listens on, if it has a network.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.member.local_addr()
+    }
+
+    /// The openraft handle (metrics, tests).
+    pub fn raft(&self) -> &Raft {
+        &self.member.raft
+    }
+
+    /// Refuses writes signed under `principal`'s authority from now on.
+    pub fn revoke(&self, principal: blocktree_core::PrincipalId) {
+        self.member.store.revoke(principal);
+    }
+
+    /// A digest of every sector this member stores for the generation, read
+    /// from its own engine (not linearizable): members that applied the same
+    /// entries have the same digest. Also counts the files. Reads every
+    /// sector: meant for tests and `blocktree cluster verify`, not hot paths.
+    pub fn content_digest(&self) -> Result<(String, u64), ServiceError> {
+        self.member.content_digest()
+    }
+
+    /// Reads every sector this member stores and repairs those its engine
+    /// reports corrupt (checksum mismatch: flipped bits) with copies fetched
+    /// from the leader (or, on the leader, another voter). The copies are
+    /// written only while this member has applied no more than the member
+    /// they came from, so the entries it applies afterwards bring them to
+    /// the same state as everything else (as after a snapshot).
+    pub fn scrub(&self) -> Result<ScrubReport, ServiceError> {
+        self.member.scrub()
+    }
+
+    /// Snapshots this member received and installed since it started.
+    pub fn snapshots_installed(&self) -> u64 {
+        self.member.snapshots_installed()
+    }
+
+    /// Read-index rounds (a heartbeat round to a quorum) this member ran as
+    /// leader since it started. Linearizable reads on a one-member cluster
+    /// need none; on a larger one, reads within a leader lease share one.
+    pub fn read_index_rounds(&self) -> u64 {
+        self.member.lease.rounds()
+    }
+
+    /// This member's view of the cluster: members, leader, term, commit index.
+    pub fn status(&self) -> ClusterStatus {
+        self.member.status()
+    }
+
+    /// Waits until some member is leader and this member has applied its
+    /// first entry, or `timeout` passes; returns the leader.
+    pub fn wait_for_leader(&self, timeout: Duration) -> Result<NodeId, ServiceError> {
+        self.member.wait_for_leader(timeout)
+    }
+
+    /// On the leader: adds `node` (listening as `member`) as a learner and
+    /// waits until it has caught up.
+    pub fn add_learner(&self, node: NodeId, member: MemberNode) -> Result<(), ServiceError> {
+        self.member.add_learner(node, member)
+    }
+
+    /// On the leader: makes learners `nodes` voters.
+    pub fn promote(&self, nodes: BTreeSet<NodeId>) -> Result<(), ServiceError> {
+        self.member.promote(nodes)
+    }
+
+    /// On the leader: removes `nodes` from the cluster (voters and learners).
+    pub fn remove(&self, nodes: BTreeSet<NodeId>) -> Result<(), ServiceError> {
+        self.member.remove(nodes)
+    }
+
+    /// Takes this member out of its cluster (`blocktree leave`): asks the
+    /// leader to remove it, or removes itself when it leads.
+    pub fn leave(&self) -> Result<(), ServiceError> {
+        self.member.leave()
+    }
+}
+
+impl Member {
+    /// Runs `future` on the member's runtime, blocking this thread (never a
+    /// worker of that runtime).
     fn block_on<F: Future>(&self, future: F) -> F::Output {
-        match &self.tokio {
-            Some(tokio) => tokio.block_on(future),
-            // Only during drop, after the runtime is gone.
-            None => block_on_this_thread(future),
-        }
+        self.handle.block_on(future)
     }
 
     /// This member's Raft id.
@@ -441,16 +645,6 @@ impl RaftService {
         self.network
             .as_ref()
             .and_then(|network| network.runtime.local_addr().ok())
-    }
-
-    /// The openraft handle (metrics, tests).
-    pub fn raft(&self) -> &Raft {
-        &self.raft
-    }
-
-    /// Refuses writes signed under `principal`'s authority from now on.
-    pub fn revoke(&self, principal: blocktree_core::PrincipalId) {
-        self.store.revoke(principal);
     }
 
     /// A digest of every sector this member stores for the generation, read
@@ -801,18 +995,8 @@ impl RaftService {
                 }
                 other => return Err(self.not_leader(other)),
             }
-            let leading = *metrics.vote.leader_id();
-            let target = {
-                let mut ready = lock(&self.leader_ready);
-                match &*ready {
-                    Some((leader, target)) if *leader == leading => *target,
-                    _ => {
-                        let target = metrics.last_log_index.unwrap_or(0);
-                        *ready = Some((leading, target));
-                        target
-                    }
-                }
-            };
+            let target =
+                self.leader_ready_target(*metrics.vote.leader_id(), metrics.last_log_index);
             let applied = self.machine.applied().last_applied.map(|id| id.index);
             if metrics.vote.is_committed() && applied.is_some_and(|applied| applied >= target) {
                 return Ok(());
@@ -824,6 +1008,23 @@ impl RaftService {
                 ));
             }
             std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// The last log index when leadership `leading` began (as first seen).
+    fn leader_ready_target(
+        &self,
+        leading: openraft::LeaderId<NodeId>,
+        last_log_index: Option<u64>,
+    ) -> u64 {
+        let mut ready = lock(&self.leader_ready);
+        match &*ready {
+            Some((leader, target)) if *leader == leading => *target,
+            _ => {
+                let target = last_log_index.unwrap_or(0);
+                *ready = Some((leading, target));
+                target
+            }
         }
     }
 
@@ -845,10 +1046,12 @@ impl RaftService {
         ServiceError::NotLeader { leader: described }
     }
 
+    /// Proposes an entry and waits until it is applied here; returns its log
+    /// index and what applying it answered.
     fn propose(
         &self,
         request: impl FnOnce(crate::types::Origin) -> RaftRequest,
-    ) -> Result<crate::types::RaftResponse, ServiceError> {
+    ) -> Result<(u64, crate::types::RaftResponse), ServiceError> {
         let origin = self.machine.propose();
         let timeout = self.write_timeout;
         let result = self.block_on(async {
@@ -856,7 +1059,9 @@ impl RaftService {
         });
         self.machine.settled(origin);
         match result {
-            Ok(result) => result.map(|response| response.data).map_err(write_error),
+            Ok(result) => result
+                .map(|response| (response.log_id.index, response.data))
+                .map_err(write_error),
             Err(_) => Err(ServiceError::Replication(format!(
                 "not committed within {timeout:?} (the leader may be cut off from its \
                  majority); the write may still be applied later"
@@ -864,27 +1069,551 @@ impl RaftService {
         }
     }
 
+    /// True when this member leads, is the only voter, and has applied what
+    /// its log held when its leadership began: then nobody else can have
+    /// acknowledged a write this member has not applied (writes return once
+    /// applied), and a read needs no round trip. Only borrows the metrics.
+    fn single_voter_ready(&self) -> bool {
+        let me = self.node_id();
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        if metrics.state != ServerState::Leader
+            || metrics.current_leader != Some(me)
+            || !metrics.vote.is_committed()
+        {
+            return false;
+        }
+        let mut voters = metrics.membership_config.membership().voter_ids();
+        if voters.next() != Some(me) || voters.next().is_some() {
+            return false;
+        }
+        let target = self.leader_ready_target(*metrics.vote.leader_id(), metrics.last_log_index);
+        metrics
+            .last_applied
+            .is_some_and(|applied| applied.index >= target)
+    }
+
+    /// Makes a linearizable read possible here: returns once this member has
+    /// applied every write acknowledged (by any member) before the call.
     fn before_read(&self) -> Result<(), ServiceError> {
-        if self.read_mode == ReadMode::Follower {
+        if self.read_mode == ReadMode::Follower || self.single_voter_ready() {
             return Ok(());
         }
         let deadline = Instant::now() + LEADER_READY_WAIT;
         loop {
-            match self.block_on(self.raft.ensure_linearizable()) {
-                Ok(_) => return Ok(()),
-                Err(RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(
-                    forward,
-                ))) => {
-                    // No leader known yet: an election is under way.
-                    if forward.leader_id.is_none() && Instant::now() < deadline {
-                        std::thread::sleep(Duration::from_millis(5));
-                        continue;
+            let leader = self.raft.metrics().borrow().current_leader;
+            if leader == Some(self.node_id()) {
+                match self.block_on(self.lease.read_index(&self.raft, &self.machine)) {
+                    Ok(index) => return self.wait_applied(index),
+                    Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
+                        if Instant::now() < deadline {
+                            std::thread::sleep(Duration::from_millis(5));
+                            continue;
+                        }
+                        return Err(self.not_leader(forward.leader_id));
                     }
-                    return Err(self.not_leader(forward.leader_id));
+                    Err(other) => return Err(raft_failure(other)),
                 }
-                Err(other) => return Err(raft_failure(other)),
+            }
+            if self.network.is_none() {
+                // Nobody to ask: wait out an election, else refuse.
+                if leader.is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                return Err(self.not_leader(leader));
+            }
+            match self.forward(&RaftMessage::ReadIndex, CONTROL_TIMEOUT, true)? {
+                Forwarded::Local => continue,
+                Forwarded::Reply(reply) => {
+                    return match *reply {
+                        RaftReply::ReadIndex { index } => self.wait_applied(index),
+                        other => Err(self.forward_error(other, None)),
+                    };
+                }
             }
         }
+    }
+
+    /// Waits until this member has applied log index `index`.
+    fn wait_applied(&self, index: Option<u64>) -> Result<(), ServiceError> {
+        let Some(index) = index else {
+            return Ok(());
+        };
+        if self
+            .machine
+            .applied()
+            .last_applied
+            .is_some_and(|applied| applied.index >= index)
+        {
+            return Ok(());
+        }
+        let timeout = self.write_timeout;
+        self.block_on(
+            self.raft
+                .wait(Some(timeout))
+                .applied_index_at_least(Some(index), "a forwarded request"),
+        )
+        .map(|_| ())
+        .map_err(|error| {
+            ServiceError::Replication(format!(
+                "this member has not applied log index {index} within {timeout:?}: {error}"
+            ))
+        })
+    }
+
+    /// Where a request that only the leader serves goes: here, or to the
+    /// leader (waiting, up to [`LEADER_READY_WAIT`], for an election).
+    fn leader_for_request(&self, deadline: Instant) -> Result<Leader, ServiceError> {
+        loop {
+            let (leader, node) = {
+                let metrics = self.raft.metrics();
+                let metrics = metrics.borrow();
+                let leader = metrics.current_leader;
+                let node = leader.and_then(|leader| {
+                    metrics
+                        .membership_config
+                        .membership()
+                        .get_node(&leader)
+                        .cloned()
+                });
+                (leader, node)
+            };
+            match (leader, node) {
+                (Some(leader), _) if leader == self.node_id() => return Ok(Leader::Here),
+                (Some(_), _) if self.network.is_none() => return Err(self.not_leader(leader)),
+                (Some(leader), Some(node)) if node.path.is_some() && !node.addr.is_empty() => {
+                    return Ok(Leader::Remote(leader, node));
+                }
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(self.not_leader(leader));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Sends `message` to the leader and returns its answer, retrying (up to
+    /// [`LEADER_READY_WAIT`]) while there is no leader, while the member
+    /// called is not the leader, and while the message cannot be delivered.
+    /// A call that may have reached the leader and got no answer is retried
+    /// only if `idempotent`; otherwise its outcome is unknown and reported as
+    /// [`ServiceError::Replication`].
+    fn forward(
+        &self,
+        message: &RaftMessage,
+        timeout: Duration,
+        idempotent: bool,
+    ) -> Result<Forwarded, ServiceError> {
+        let network = self
+            .network
+            .as_ref()
+            .ok_or_else(|| ServiceError::Invalid("this member runs without a network".into()))?;
+        let deadline = Instant::now() + LEADER_READY_WAIT;
+        let mut named: Option<(NodeId, MemberNode)> = None;
+        loop {
+            let (leader, node) = match named.take() {
+                Some(target) => target,
+                None => match self.leader_for_request(deadline)? {
+                    Leader::Here => return Ok(Forwarded::Local),
+                    Leader::Remote(leader, node) => (leader, node),
+                },
+            };
+            let reply = self.block_on(network::call_member(
+                &network.runtime,
+                &network.directory,
+                leader,
+                &node,
+                message.clone(),
+                timeout,
+            ));
+            match reply {
+                Ok(RaftReply::NotLeader { leader, node }) => {
+                    // Go to the leader it names; else wait for this member
+                    // to learn of the new one.
+                    if let (Some(leader), Some(node)) = (leader, node)
+                        && leader != self.node_id()
+                    {
+                        named = Some((leader, node));
+                    }
+                }
+                Ok(RaftReply::Refused(reason)) if reason.contains("is starting") => {}
+                Ok(reply) => return Ok(Forwarded::Reply(Box::new(reply))),
+                Err(error) if idempotent || undelivered(&error) => {
+                    tracing::debug!("forwarding to the leader {leader:016x}: {error}");
+                }
+                Err(error) => {
+                    return Err(ServiceError::Replication(format!(
+                        "forwarded to the leader {leader:016x}, which did not answer: {error}; \
+                         the outcome is unknown"
+                    )));
+                }
+            }
+            if Instant::now() >= deadline {
+                return Err(ServiceError::Replication(format!(
+                    "no leader answered within {LEADER_READY_WAIT:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The error a forwarded request's unexpected or failed answer means.
+    fn forward_error(&self, reply: RaftReply, batch: Option<&SectorBatch>) -> ServiceError {
+        let RaftReply::Failed {
+            kind,
+            inode,
+            reason,
+        } = reply
+        else {
+            return reply_error(reply);
+        };
+        match kind {
+            FailureKind::Unauthorized => {
+                // Reproduce the leader's verdict here for its structured
+                // reason (revocations known only to the leader aside).
+                let generation = self.store.info.generation;
+                let directory = &self.store.info.directory;
+                let now = blocktree_core::time::Timestamp::now();
+                let revoked = blocktree_core::writecap::RevocationList::default();
+                for meta in batch.into_iter().flat_map(|batch| {
+                    batch
+                        .files
+                        .iter()
+                        .map(|file| &file.meta)
+                        .chain(&batch.removes)
+                }) {
+                    if let Err(error) =
+                        crate::verify::verify_meta(meta, generation, directory, now, &revoked)
+                    {
+                        return error;
+                    }
+                }
+                ServiceError::Inconsistent {
+                    inode,
+                    reason: format!("refused by the leader: {reason}"),
+                }
+            }
+            FailureKind::Inconsistent => ServiceError::Inconsistent { inode, reason },
+            FailureKind::NotFound => ServiceError::NotFound(inode),
+            FailureKind::Invalid => ServiceError::Invalid(reason),
+            FailureKind::Replication => ServiceError::Replication(reason),
+        }
+    }
+
+    /// What to answer a follower whose forwarded request failed with `error`.
+    fn failure_reply(&self, error: ServiceError) -> RaftReply {
+        let (kind, inode) = match &error {
+            ServiceError::NotLeader { .. } => return self.not_leader_reply(),
+            ServiceError::Unauthorized { inode, .. } => (FailureKind::Unauthorized, *inode),
+            ServiceError::Inconsistent { inode, .. } => (FailureKind::Inconsistent, *inode),
+            ServiceError::NotFound(inode) => (FailureKind::NotFound, *inode),
+            ServiceError::Invalid(_) | ServiceError::NoReadcap(_) => (FailureKind::Invalid, 0),
+            ServiceError::Corrupt { id, .. } => (FailureKind::Replication, id.inode),
+            ServiceError::Replication(_) | ServiceError::Engine(_) => (FailureKind::Replication, 0),
+        };
+        RaftReply::Failed {
+            kind,
+            inode,
+            reason: error.to_string(),
+        }
+    }
+
+    fn not_leader_reply(&self) -> RaftReply {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let leader = metrics.current_leader;
+        RaftReply::NotLeader {
+            leader,
+            node: leader.and_then(|leader| {
+                metrics
+                    .membership_config
+                    .membership()
+                    .get_node(&leader)
+                    .cloned()
+            }),
+        }
+    }
+
+    /// On the leader: a request a follower forwarded (blocking).
+    pub(crate) fn serve_forwarded(&self, message: RaftMessage) -> RaftReply {
+        if self.raft.metrics().borrow().current_leader != Some(self.node_id()) {
+            return self.not_leader_reply();
+        }
+        match message {
+            RaftMessage::ForwardWrite { batch } => match crate::forward::decode_batch(&batch) {
+                Ok(batch) => match self.write_here(batch) {
+                    Ok(index) => RaftReply::Applied { index },
+                    Err(error) => self.failure_reply(error),
+                },
+                Err(error) => RaftReply::Failed {
+                    kind: FailureKind::Invalid,
+                    inode: 0,
+                    reason: error.to_string(),
+                },
+            },
+            RaftMessage::ReserveInodes => match self.reserve_inodes() {
+                Ok(range) => RaftReply::Inodes {
+                    start: range.start,
+                    end: range.end,
+                },
+                Err(error) => self.failure_reply(error),
+            },
+            _ => RaftReply::Refused("not a forwarded request".into()),
+        }
+    }
+
+    /// On the leader: the log index a follower's linearizable read waits for.
+    pub(crate) async fn serve_read_index(&self) -> RaftReply {
+        match self.lease.read_index(&self.raft, &self.machine).await {
+            Ok(index) => RaftReply::ReadIndex { index },
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
+                RaftReply::NotLeader {
+                    leader: forward.leader_id,
+                    node: forward.leader_node,
+                }
+            }
+            Err(other) => RaftReply::Refused(other.to_string()),
+        }
+    }
+
+    /// Writes `batch` on this member as leader; returns its entry's index.
+    fn write_here(&self, batch: SectorBatch) -> Result<u64, ServiceError> {
+        self.ensure_leader_ready()?;
+        self.store.write_with(batch, |staged| {
+            self.propose(|origin| RaftRequest::Write {
+                origin,
+                batch: staged,
+            })
+            .map(|(index, _)| index)
+        })
+    }
+
+    /// See [`RaftService`]'s `write`.
+    fn write(&self, batch: SectorBatch) -> Result<(), ServiceError> {
+        let leader = self.raft.metrics().borrow().current_leader;
+        if self.network.is_none() || leader == Some(self.node_id()) {
+            return self.write_here(batch).map(|_| ());
+        }
+        let encoded = crate::forward::encode_batch(&batch);
+        if encoded.len() > crate::forward::MAX_FORWARDED_BATCH {
+            return Err(ServiceError::Invalid(format!(
+                "a batch of {} bytes is too large to forward to the leader (at most {})",
+                encoded.len(),
+                crate::forward::MAX_FORWARDED_BATCH
+            )));
+        }
+        let message = RaftMessage::ForwardWrite {
+            batch: serde_bytes::ByteBuf::from(encoded),
+        };
+        // The leader's own write may take up to the write timeout.
+        let timeout = self.write_timeout + Duration::from_secs(5);
+        match self.forward(&message, timeout, false)? {
+            Forwarded::Local => self.write_here(batch).map(|_| ()),
+            Forwarded::Reply(reply) => match *reply {
+                RaftReply::Applied { index } => self.wait_applied(Some(index)),
+                other => Err(self.forward_error(other, Some(&batch))),
+            },
+        }
+    }
+
+    /// On the leader: reserves [`INODE_RESERVATION`] inode numbers.
+    fn reserve_inodes(&self) -> Result<std::ops::Range<u64>, ServiceError> {
+        self.ensure_leader_ready()?;
+        let _reserving = lock(&self.reserving);
+        let start = self.machine.applied().next_inode;
+        let end = start
+            .checked_add(INODE_RESERVATION)
+            .filter(|end| *end < crate::statemachine::APPLIED_INODE)
+            .ok_or_else(|| ServiceError::Invalid("inode numbers exhausted".into()))?;
+        self.propose(|origin| RaftRequest::ReserveInodes { origin, start, end })?;
+        Ok(start..end)
+    }
+
+    /// A fresh inode number: from this member's reservation, reserved by the
+    /// leader (here or asked over the network) when it runs out.
+    fn allocate_inode(&self) -> Result<u64, ServiceError> {
+        let mut reserved = lock(&self.inodes);
+        if reserved.is_empty() {
+            *reserved = if self.network.is_none() {
+                self.reserve_inodes()?
+            } else {
+                match self.forward(&RaftMessage::ReserveInodes, CONTROL_TIMEOUT, true)? {
+                    Forwarded::Local => self.reserve_inodes()?,
+                    Forwarded::Reply(reply) => match *reply {
+                        RaftReply::Inodes { start, end }
+                            if start < end && end - start <= INODE_RESERVATION =>
+                        {
+                            start..end
+                        }
+                        other => return Err(self.forward_error(other, None)),
+                    },
+                }
+            };
+        }
+        reserved
+            .next()
+            .ok_or_else(|| ServiceError::Invalid("inode reservation empty".into()))
+    }
+
+    /// Records this member's address as `node` in the membership: at once
+    /// when it is the cluster's only voter (a one-member cluster opened with
+    /// a network for the first time, or on another port), else in the
+    /// background through the leader.
+    fn keep_address_current(&self, node: MemberNode) -> Result<(), ServiceError> {
+        let me = self.node_id();
+        let only_voter = {
+            let applied = self.machine.applied();
+            let mut voters = applied.membership.membership().voter_ids();
+            voters.next() == Some(me) && voters.next().is_none()
+        };
+        if only_voter {
+            self.ensure_leader_ready()?;
+            let recorded = node.clone();
+            return self.block_on(async {
+                let change = ChangeMembers::SetNodes(BTreeMap::from([(me, node)]));
+                self.raft
+                    .change_membership(change, false)
+                    .await
+                    .map_err(write_error)?;
+                // Callers read the membership from the metrics next.
+                self.raft
+                    .wait(Some(LEADER_READY_WAIT))
+                    .metrics(
+                        |metrics| {
+                            metrics.membership_config.membership().get_node(&me) == Some(&recorded)
+                        },
+                        "this member's address recorded",
+                    )
+                    .await
+                    .map(|_| ())
+                    .map_err(raft_failure)
+            });
+        }
+        let Some(network) = self.network.clone() else {
+            return Ok(());
+        };
+        let raft = self.raft.clone();
+        self.handle.spawn(async move {
+            let mut metrics = raft.metrics();
+            loop {
+                let (leader, targets, recorded) = {
+                    let current = metrics.borrow();
+                    let membership = current.membership_config.membership();
+                    let leader = current.current_leader;
+                    // Ask the leader; not knowing it (its heartbeats go to
+                    // the old address), ask every other voter, which name it.
+                    let targets: Vec<(NodeId, MemberNode)> = match leader {
+                        Some(leader) => membership
+                            .get_node(&leader)
+                            .map(|node| (leader, node.clone()))
+                            .into_iter()
+                            .collect(),
+                        None => membership
+                            .voter_ids()
+                            .filter(|id| *id != me)
+                            .filter_map(|id| {
+                                membership.get_node(&id).map(|node| (id, node.clone()))
+                            })
+                            .collect(),
+                    };
+                    (leader, targets, membership.get_node(&me).cloned())
+                };
+                if recorded.is_none_or(|recorded| recorded == node) {
+                    return;
+                }
+                if leader == Some(me) {
+                    let change = ChangeMembers::SetNodes(BTreeMap::from([(me, node.clone())]));
+                    if let Err(error) = raft.change_membership(change, false).await {
+                        tracing::warn!("recording this member's new address: {error}");
+                    }
+                } else {
+                    let call = |target: (NodeId, MemberNode)| {
+                        let network = network.clone();
+                        let message = RaftMessage::UpdateNode {
+                            node: me,
+                            member: node.clone(),
+                        };
+                        async move {
+                            network::call_member(
+                                &network.runtime,
+                                &network.directory,
+                                target.0,
+                                &target.1,
+                                message,
+                                CONTROL_TIMEOUT,
+                            )
+                            .await
+                        }
+                    };
+                    for target in targets {
+                        match call(target).await {
+                            Ok(RaftReply::Done) => break,
+                            Ok(RaftReply::NotLeader {
+                                leader: Some(leader),
+                                node: Some(leader_node),
+                            }) if leader != me => {
+                                if let Ok(RaftReply::Done) = call((leader, leader_node)).await {
+                                    break;
+                                }
+                            }
+                            Ok(other) => {
+                                tracing::debug!("updating this member's address: {other:?}")
+                            }
+                            Err(error) => {
+                                tracing::debug!("updating this member's address: {error}")
+                            }
+                        }
+                    }
+                }
+                let wait = tokio::time::sleep(Duration::from_millis(200));
+                tokio::select! {
+                    _ = wait => {}
+                    changed = metrics.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+        Ok(())
+    }
+}
+
+/// Where a request for the leader goes.
+enum Leader {
+    /// This member leads.
+    Here,
+    /// Member `.0`, listening at `.1`, leads.
+    Remote(NodeId, MemberNode),
+}
+
+/// What [`Member::forward`] got.
+enum Forwarded {
+    /// This member turned out to be the leader: serve the request here.
+    Local,
+    /// The leader's answer (boxed: replies are large, `Local` is empty).
+    Reply(Box<RaftReply>),
+}
+
+/// True when `error` shows the message never reached the member's handler
+/// (so retrying cannot do anything twice).
+fn undelivered(error: &blocktree_netstack::BttpError) -> bool {
+    use blocktree_netstack::BttpError;
+    use blocktree_netstack::frame::ErrorCode;
+    match error {
+        BttpError::Connect { .. }
+        | BttpError::Backoff { .. }
+        | BttpError::NoRoute(_)
+        | BttpError::PeerRejected { .. }
+        | BttpError::Refused { .. } => true,
+        BttpError::Rejected { error, .. } => matches!(
+            error.code,
+            ErrorCode::NotAuthorized
+                | ErrorCode::NoSuchActor
+                | ErrorCode::NoSuchService
+                | ErrorCode::WrongRuntime
+                | ErrorCode::ShuttingDown
+        ),
+        _ => false,
     }
 }
 
@@ -966,6 +1695,7 @@ fn start_network(
     listen: SocketAddr,
     directory: &BtPath,
     machine: Arc<MachineShared>,
+    vote_guard: Duration,
 ) -> Result<(Arc<NetworkShared>, MemberNode), ServiceError> {
     let service = network::raft_service_path(directory, machine.node).ok_or_else(|| {
         ServiceError::Invalid(format!("{directory} cannot hold a raft service path"))
@@ -978,17 +1708,25 @@ fn start_network(
     })?;
     // Others may execute: any runtime of the domain may connect, and the raft
     // service itself admits only runtimes in the directory.
+    let directory_control = network::directory_control_path(directory).ok_or_else(|| {
+        ServiceError::Invalid(format!("{directory} cannot hold a control service path"))
+    })?;
     let record = RuntimeRecord {
         uid: 0,
         gid: 0,
         mode: 0o751,
-        services: [service, control].into(),
+        services: [service, control, directory_control].into(),
     };
     let mut runtime_config = RuntimeConfig::new(listen, AccessPolicy::new(record));
     runtime_config.limits = member_limits();
     let runtime = Runtime::start(runtime_config, credentials.clone()).map_err(raft_failure)?;
     let addr = runtime.local_addr().map_err(raft_failure)?;
-    let shared = Arc::new(NetworkShared::new(runtime, directory.clone(), machine));
+    let shared = Arc::new(NetworkShared::new(
+        runtime,
+        directory.clone(),
+        machine,
+        vote_guard,
+    ));
     network::register_service(shared.clone()).map_err(raft_failure)?;
     let member = MemberNode {
         addr: addr.to_string(),
@@ -1003,6 +1741,24 @@ pub fn query_status(
     credentials: &Credentials,
     peer_addr: SocketAddr,
     peer_path: BtPath,
+) -> Result<ClusterStatus, ServiceError> {
+    query_status_via(credentials, peer_addr, Some(peer_path))
+}
+
+/// [`query_status`] knowing only the member's address (`blocktree cluster
+/// status --peer ADDR`): its runtime path is learnt at the handshake and then
+/// verified as usual (see [`network::call_control_at`]).
+pub fn query_status_at(
+    credentials: &Credentials,
+    peer_addr: SocketAddr,
+) -> Result<ClusterStatus, ServiceError> {
+    query_status_via(credentials, peer_addr, None)
+}
+
+fn query_status_via(
+    credentials: &Credentials,
+    peer_addr: SocketAddr,
+    peer_path: Option<BtPath>,
 ) -> Result<ClusterStatus, ServiceError> {
     let tokio = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -1023,8 +1779,20 @@ pub fn query_status(
         };
         let config = RuntimeConfig::new(bind, AccessPolicy::new(record));
         let runtime = Runtime::start(config, credentials.clone()).map_err(raft_failure)?;
-        let answer =
-            network::call_control(&runtime, &peer_path, peer_addr, RaftMessage::Status).await;
+        let answer = match &peer_path {
+            Some(path) => {
+                network::call_control(&runtime, path, peer_addr, RaftMessage::Status).await
+            }
+            None => {
+                network::call_control_at(
+                    &runtime,
+                    credentials.path(),
+                    peer_addr,
+                    RaftMessage::Status,
+                )
+                .await
+            }
+        };
         runtime.shutdown().await;
         match answer {
             Ok(RaftReply::Status(status)) => Ok(status),
@@ -1033,6 +1801,7 @@ pub fn query_status(
         }
     })
 }
+
 /// Reads `<dir>/member` of a running member: its address and runtime path.
 pub fn read_member_file(dir: &Path) -> Result<(SocketAddr, BtPath), ServiceError> {
     let path = dir.join(MEMBER_FILE);
@@ -1154,40 +1923,68 @@ pub(crate) async fn leave_member(shared: &NetworkShared, raft: &Raft, node: Node
     }
 }
 
+/// On the leader: records that member `node` now listens at `member` (at its
+/// request). Only the member itself may move its address: the sender's id
+/// must be `node`, or its proved runtime path the one recorded for `node`.
+pub(crate) async fn update_member(
+    shared: &NetworkShared,
+    raft: &Raft,
+    node: NodeId,
+    sender: NodeId,
+    member: MemberNode,
+) -> RaftReply {
+    let metrics = raft.metrics().borrow().clone();
+    let membership = metrics.membership_config.membership();
+    if metrics.current_leader != Some(shared.machine.node) {
+        let leader = metrics.current_leader;
+        let node = leader.and_then(|leader| membership.get_node(&leader).cloned());
+        return RaftReply::NotLeader { leader, node };
+    }
+    match membership.get_node(&node) {
+        None => return RaftReply::Refused(format!("{node:016x} is not a member")),
+        Some(recorded) if *recorded == member => return RaftReply::Done,
+        Some(recorded) if node == sender || recorded.path == member.path => {}
+        Some(_) => {
+            return RaftReply::Refused(format!(
+                "only member {node:016x} itself may change its address"
+            ));
+        }
+    }
+    network::add_route(&shared.runtime, &shared.directory, node, &member);
+    tracing::info!(node = format!("{node:016x}"), %member, "a member moved");
+    match raft
+        .change_membership(
+            ChangeMembers::SetNodes(BTreeMap::from([(node, member)])),
+            false,
+        )
+        .await
+    {
+        Ok(_) => RaftReply::Done,
+        Err(error) => RaftReply::Refused(error.to_string()),
+    }
+}
+
 impl SectorService for RaftService {
     fn generation(&self) -> u64 {
-        self.store.info.generation
+        self.member.store.info.generation
     }
 
     fn directory(&self) -> &BtPath {
-        &self.store.info.directory
+        &self.member.store.info.directory
     }
 
     fn allocate_inode(&self) -> Result<u64, ServiceError> {
-        let mut reserved = lock(&self.inodes);
-        if reserved.is_empty() {
-            self.ensure_leader_ready()?;
-            let start = self.machine.applied().next_inode;
-            let end = start
-                .checked_add(INODE_RESERVATION)
-                .filter(|end| *end < crate::statemachine::APPLIED_INODE)
-                .ok_or_else(|| ServiceError::Invalid("inode numbers exhausted".into()))?;
-            self.propose(|origin| RaftRequest::ReserveInodes { origin, start, end })?;
-            *reserved = start..end;
-        }
-        reserved
-            .next()
-            .ok_or_else(|| ServiceError::Invalid("inode reservation empty".into()))
+        self.member.allocate_inode()
     }
 
     fn read_meta(&self, inode: u64) -> Result<Option<FileMeta>, ServiceError> {
-        self.before_read()?;
-        self.store.read_meta(inode)
+        self.member.before_read()?;
+        self.member.store.read_meta(inode)
     }
 
     fn read_merkle_piece(&self, inode: u64, piece: u64) -> Result<Vec<u8>, ServiceError> {
-        self.before_read()?;
-        self.store.read_merkle_piece(inode, piece)
+        self.member.before_read()?;
+        self.member.store.read_merkle_piece(inode, piece)
     }
 
     fn read_data(
@@ -1196,74 +1993,53 @@ impl SectorService for RaftService {
         indices: &[u64],
         access: Option<&ReadAccess>,
     ) -> Result<Vec<Option<Vec<u8>>>, ServiceError> {
-        self.before_read()?;
-        self.store.read_data(inode, indices, access)
+        self.member.before_read()?;
+        self.member.store.read_data(inode, indices, access)
     }
 
+    /// On the leader (or without a network): verifies, proposes and returns
+    /// once applied. On a follower: forwards the batch to the leader, which
+    /// verifies and applies it, and returns once this member has applied it
+    /// too (so its own reads see it).
     fn write(&self, batch: SectorBatch) -> Result<(), ServiceError> {
-        self.ensure_leader_ready()?;
-        self.store.write_with(batch, |staged| {
-            self.propose(|origin| RaftRequest::Write {
-                origin,
-                batch: staged,
-            })
-            .map(|_| ())
-        })
+        self.member.write(batch)
     }
 
     fn flush(&self) -> Result<(), ServiceError> {
         // Entries are durable in the log before they are applied; this makes
         // the applied state durable too.
-        Ok(self.store.engine().flush().wait()?)
+        Ok(self.member.store.engine().flush().wait()?)
     }
 
     fn subscribe(&self, inode: u64) -> Receiver<SectorId> {
-        self.store.subscribe(inode)
+        self.member.store.subscribe(inode)
     }
 
     fn space(&self) -> Result<(u64, u64), ServiceError> {
-        crate::store::space(&self.dir)
+        crate::store::space(&self.member.dir)
     }
 }
 
 impl Drop for RaftService {
     /// Stops Raft and the network, then the engines, leaving checkpoints.
     fn drop(&mut self) {
+        let member = &self.member;
         if let Some(tokio) = self.tokio.take() {
             tokio.block_on(async {
-                if let Err(error) = self.raft.shutdown().await {
+                if let Err(error) = member.raft.shutdown().await {
                     tracing::warn!("raft shutdown: {error}");
                 }
-                if let Some(network) = &self.network {
+                if let Some(network) = &member.network {
                     network.runtime.shutdown().await;
                 }
             });
             tokio.shutdown_timeout(Duration::from_secs(2));
         }
-        if let Err(error) = self.store.engine().shutdown() {
+        if let Err(error) = member.store.engine().shutdown() {
             tracing::warn!("sector engine shutdown: {error}");
         }
         if let Err(error) = self.log_engine.shutdown() {
             tracing::warn!("raft log engine shutdown: {error}");
         }
-    }
-}
-
-/// Polls a future on this thread (used only once the runtime is gone).
-fn block_on_this_thread<F: Future>(future: F) -> F::Output {
-    struct ThreadWaker(std::thread::Thread);
-    impl std::task::Wake for ThreadWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = std::task::Waker::from(Arc::new(ThreadWaker(std::thread::current())));
-    let mut context = std::task::Context::from_waker(&waker);
-    let mut future = std::pin::pin!(future);
-    loop {
-        if let std::task::Poll::Ready(output) = future.as_mut().poll(&mut context) {
-            return output;
-        }
-        std::thread::park();
     }
 }

@@ -5,8 +5,9 @@
 //! ```text
 //! raft-node --data DIR --store MEMBER_STORE [--writer WRITER_STORE]
 //!           [--listen ADDR] [--follower-reads] [--snapshot-every ENTRIES]
-//!           [--write-timeout-ms MILLIS]
-//!           (--create DIRECTORY_PATH GENERATION | --join PEER_ADDR PEER_PATH | --open)
+//!           [--write-timeout-ms MILLIS] [--linearizable]
+//!           (--create DIRECTORY_PATH GENERATION | --join PEER_ADDR PEER_PATH
+//!            | --join-address PEER_ADDR | --open)
 //! ```
 //!
 //! It prints `ready <addr> <node id>` and then answers one line per command:
@@ -15,8 +16,9 @@
 //! - `write <files> <sectors> <sector bytes>` → `ok <inode>,..` or `err <reason>`:
 //!   that many new files, each written by one batch signed by the writer.
 //! - `check <inode> <sectors> <sector bytes>` → `ok` or `err <reason>`: the file
-//!   holds what `write` put there (read linearizably, or locally with
-//!   `--follower-reads`).
+//!   holds what `write` put there (read locally with `--follower-reads`,
+//!   linearizably when `--linearizable` follows it: on a follower, through
+//!   a read index from the leader).
 //! - `digest` → `digest <hex> <files>`: every sector the member stores.
 //! - `scrub` → `scrub <checked> <corrupt> <repaired>`: finds sectors that
 //!   fail their checksum and repairs them from another member.
@@ -46,6 +48,7 @@ use std::sync::Arc;
 enum Mode {
     Create(BtPath, u64),
     Join(SocketAddr, BtPath),
+    JoinAddress(SocketAddr),
     Open,
 }
 
@@ -96,6 +99,11 @@ fn parse_args() -> Result<Args> {
                 let path = value(&mut args, "--join")?.parse()?;
                 mode = Some(Mode::Join(addr, path));
             }
+            "--join-address" => {
+                let addr = value(&mut args, "--join-address")?.parse()?;
+                mode = Some(Mode::JoinAddress(addr));
+            }
+            "--linearizable" => follower_reads = false,
             "--open" => mode = Some(Mode::Open),
             other => bail!("unknown argument {other}"),
         }
@@ -434,6 +442,7 @@ fn main() -> Result<()> {
             },
         )?,
         Mode::Join(addr, path) => RaftService::join(config, addr, path)?,
+        Mode::JoinAddress(addr) => RaftService::join_address(config, addr)?,
         Mode::Open => RaftService::open(config)?,
     };
     let mut stdout = std::io::stdout().lock();

@@ -44,8 +44,17 @@ pub fn free_port() -> u16 {
 /// How a member starts.
 #[derive(Clone)]
 pub enum Start {
-    Create { generation: u64 },
-    Join { addr: SocketAddr, path: BtPath },
+    Create {
+        generation: u64,
+    },
+    Join {
+        addr: SocketAddr,
+        path: BtPath,
+    },
+    /// Join knowing only a member's address.
+    JoinAddress {
+        addr: SocketAddr,
+    },
     Open,
 }
 
@@ -116,6 +125,9 @@ impl Member {
                     .arg("--join")
                     .arg(addr.to_string())
                     .arg(path.to_string());
+            }
+            Start::JoinAddress { addr } => {
+                command.arg("--join-address").arg(addr.to_string());
             }
             Start::Open => {
                 command.arg("--open");
