@@ -34,6 +34,13 @@ enum Command {
     Readcap(cli::readcap::ReadcapArgs),
     /// Create, list, resize and delete the volumes `up` exports over NBD.
     Volume(cli::volume::VolumeArgs),
+    /// Start a new server as a member of a running server's cluster.
+    #[command(long_about = cli::up::JOIN_LONG_ABOUT)]
+    Join(cli::up::JoinArgs),
+    /// Take the server running in a data directory out of its cluster (it stops).
+    Leave(cli::cluster::LeaveArgs),
+    /// The running server's cluster: members, leader, term, commit index.
+    Cluster(cli::cluster::ClusterArgs),
     /// The bootable appliance image: its init (PID 1) and a check of its configuration.
     #[command(long_about = cli::appliance::LONG_ABOUT)]
     Appliance(cli::appliance::ApplianceArgs),
@@ -48,6 +55,9 @@ fn main() -> ExitCode {
         Command::Mount(args) => cli::mount::run(args),
         Command::Readcap(args) => cli::readcap::run(args),
         Command::Volume(args) => cli::volume::run(args),
+        Command::Join(args) => cli::up::join(args),
+        Command::Leave(args) => cli::cluster::leave(args),
+        Command::Cluster(args) => cli::cluster::run(args),
         Command::Appliance(args) => cli::appliance::run(args),
     };
     match outcome {

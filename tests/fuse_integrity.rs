@@ -174,13 +174,19 @@ fn a_tampered_sector_reads_as_eio_and_the_rest_still_reads() {
     m.unmount();
 
     let label = format!("BTSECTOR-{VICTIM:06}|");
-    let copies = flip_every_copy(&volume.data().join("sectors"), label.as_bytes());
+    let copies = flip_every_copy(
+        &volume.data().join("sectors").join("engine"),
+        label.as_bytes(),
+    );
     assert!(
         copies >= 1,
         "sector {VICTIM} of the victim was not found on disk"
     );
     let label = format!("BTSECTOR-{FORGED:06}|");
-    let forged = forge_every_copy(&volume.data().join("sectors"), label.as_bytes());
+    let forged = forge_every_copy(
+        &volume.data().join("sectors").join("engine"),
+        label.as_bytes(),
+    );
     assert!(
         forged >= 1,
         "sector {FORGED} of the victim was not found on disk"

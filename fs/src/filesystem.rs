@@ -26,9 +26,10 @@ use blocktree_core::readcap::{EpochKeyTable, FileIds, ParentTable, ReadcapTable,
 use blocktree_core::sector::SectorId;
 use blocktree_core::time::Timestamp;
 use blocktree_core::writecap::RevocationList;
+use blocktree_raftlog::store::ALL_FILES_CHANGED;
 use blocktree_raftlog::{SectorBatch, SectorService};
 use crossbeam_channel::Receiver;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -116,6 +117,11 @@ pub struct FileSystem {
     next_handle: AtomicU64,
     namespace: Mutex<()>,
     pending: Mutex<Pending>,
+    /// Inodes other members of the sector service's cluster changed, announced
+    /// as their writes apply here (`None`: nobody else writes).
+    foreign: Option<crossbeam_channel::Receiver<u64>>,
+    /// Announced inodes not reloaded yet (their node was locked).
+    foreign_pending: Mutex<BTreeSet<u64>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -156,6 +162,7 @@ impl FileSystem {
         creds: Arc<dyn CredStore>,
         config: FsConfig,
     ) -> FsResult<FileSystem> {
+        let ctx_foreign = service.watch_foreign_changes();
         let ctx = Ctx {
             service,
             creds,
@@ -171,6 +178,8 @@ impl FileSystem {
             next_handle: AtomicU64::new(1),
             namespace: Mutex::new(()),
             pending: Mutex::new(Pending::default()),
+            foreign: ctx_foreign,
+            foreign_pending: Mutex::new(BTreeSet::new()),
         };
         if fs.ctx.service.read_meta(Self::ROOT)?.is_none() {
             if fs.config.read_only {
@@ -299,6 +308,15 @@ impl FileSystem {
         Ok(NodeState::fresh(ino, body, secrets, keys, chain))
     }
 
+    /// Why this file system refuses writes (read-only mount, no writecap
+    /// covering the generation's directory, expired writecap), or `None`.
+    pub fn write_refusal(&self) -> Option<String> {
+        self.writecap().err().map(|error| match error {
+            FsError::ReadOnly(why) => why,
+            other => other.to_string(),
+        })
+    }
+
     fn writecap(&self) -> FsResult<blocktree_core::writecap::Writecap> {
         if self.config.read_only {
             return Err(FsError::ReadOnly("mounted read-only".into()));
@@ -356,6 +374,7 @@ impl FileSystem {
     /// The node of `ino`, loading it (through the parent it was reached by) if
     /// needed.
     fn node(&self, ino: u64) -> FsResult<NodeRef> {
+        self.catch_up_foreign();
         if let Some(node) = lock(&self.nodes).get(&ino) {
             return Ok(node.clone());
         }
@@ -381,6 +400,7 @@ impl FileSystem {
 
     /// The node of `ino`, a child of the locked directory `parent`.
     fn child(&self, parent: &NodeState, ino: u64) -> FsResult<NodeRef> {
+        self.catch_up_foreign();
         lock(&self.parents).insert(ino, parent.ino);
         if let Some(node) = lock(&self.nodes).get(&ino) {
             return Ok(node.clone());
@@ -1472,7 +1492,55 @@ impl FileSystem {
         fh
     }
 
+    /// Reloads the cached nodes that other members of the cluster changed
+    /// (announced by the sector service as their writes apply). A node locked
+    /// now (perhaps by this very thread) is tried again next time: this never
+    /// waits for a node's lock, so it may be called anywhere.
+    fn catch_up_foreign(&self) {
+        let Some(announced) = &self.foreign else {
+            return;
+        };
+        let mut pending = lock(&self.foreign_pending);
+        pending.extend(announced.try_iter());
+        if pending.is_empty() {
+            return;
+        }
+        let targets: Vec<(u64, NodeRef)> = {
+            let nodes = lock(&self.nodes);
+            if pending.remove(&ALL_FILES_CHANGED) {
+                nodes
+                    .iter()
+                    .map(|(ino, node)| (*ino, node.clone()))
+                    .collect()
+            } else {
+                pending
+                    .iter()
+                    .filter_map(|ino| nodes.get(ino).map(|node| (*ino, node.clone())))
+                    .collect()
+            }
+        };
+        pending.clear();
+        for (ino, node) in targets {
+            let mut state = match node.try_lock() {
+                Ok(state) => state,
+                Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                Err(std::sync::TryLockError::WouldBlock) => {
+                    pending.insert(ino);
+                    continue;
+                }
+            };
+            if let Err(error) = state.reload(&self.ctx) {
+                // Not served from the cache again: the next use loads it anew
+                // (and reports what is wrong).
+                tracing::warn!(ino, "cannot reload a file another member changed: {error}");
+                drop(state);
+                lock(&self.nodes).remove(&ino);
+            }
+        }
+    }
+
     fn handle(&self, fh: u64) -> FsResult<(NodeRef, bool, bool)> {
+        self.catch_up_foreign();
         let handles = lock(&self.handles);
         let handle = handles.get(&fh).ok_or(FsError::BadHandle)?;
         Ok((handle.node.clone(), handle.write, handle.append))

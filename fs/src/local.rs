@@ -1,60 +1,132 @@
-//! A file system on a local sector store: the `--data DIR` of `blocktree mount`.
-//! Until the replicated sector service lands (issue #7), the file system reaches
-//! the engine through [`DirectService`], behind the same [`SectorService`] API.
+//! The sector service of a data directory: the `--data DIR` of `blocktree up`
+//! and `blocktree mount`.
+//!
+//! Every store is a member of a Raft cluster ([`RaftService`], DESIGN decision
+//! 4): a one-member cluster without network by default, so that every write
+//! goes through the log even then; a member listening on bttp when the server
+//! is to be reached by others (`blocktree up --listen`); or a member that
+//! joined another server's cluster (`blocktree join`).
 
 use crate::error::{FsError, FsResult};
 use crate::filesystem::{FileSystem, FsConfig};
 use blocktree_core::credstore::CredStore;
 use blocktree_engine::EngineConfig;
-use blocktree_raftlog::{DirectService, GenerationInfo, SectorService};
-use std::path::Path;
+use blocktree_netstack::Credentials;
+use blocktree_raftlog::{GenerationInfo, RaftConfig, RaftService, SectorService, ServiceError};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The sector store's directory inside a data directory.
 pub const SECTORS_DIR: &str = "sectors";
-/// The generation number of a standalone store.
+/// The generation number of a domain's root directory: the only generation a
+/// data directory holds until directories get clusters of their own.
 pub const LOCAL_GENERATION: u64 = 1;
+
+/// How a data directory's member talks to the others.
+#[derive(Clone, Debug, Default)]
+pub enum Membership {
+    /// A cluster of this member alone, without network.
+    #[default]
+    Alone,
+    /// Listening for other members on bttp at this address (port 0: any).
+    Listen(SocketAddr),
+    /// Listening at `listen`, joining the cluster of the member at `peer`
+    /// (only when the data directory holds no member yet).
+    Join {
+        /// Where to listen.
+        listen: SocketAddr,
+        /// A member of the cluster to join.
+        peer: SocketAddr,
+    },
+}
 
 /// The engine's configuration for a local store: reads go through the page
 /// cache, which then serves as the second-level cache of sealed sectors (outside
 /// the daemon's memory), as the lower file system's cache does for gocryptfs.
-fn engine_config(dir: std::path::PathBuf) -> EngineConfig {
+fn engine_config(dir: PathBuf) -> EngineConfig {
     EngineConfig {
         buffered_reads: true,
         ..EngineConfig::new(dir)
     }
 }
 
-/// Opens the sector store in `data/sectors`, creating it on first use with the
-/// runtime writecap's path as the generation's directory.
-pub fn open_service(data: &Path, creds: &dyn CredStore) -> FsResult<Arc<DirectService>> {
+/// True if `data` holds a sector store (of any member).
+pub fn exists(data: &Path) -> bool {
+    RaftService::exists(&data.join(SECTORS_DIR))
+}
+
+/// Opens the member in `data/sectors`, creating a one-member cluster on first
+/// use (with the runtime writecap's path as the generation's directory), or
+/// joining another's cluster, as `membership` says.
+pub fn open_service(
+    data: &Path,
+    creds: Arc<dyn CredStore>,
+    membership: &Membership,
+) -> FsResult<Arc<RaftService>> {
     let dir = data.join(SECTORS_DIR);
-    let service = if DirectService::exists(&dir) {
-        DirectService::open(&dir, engine_config)?
-    } else {
-        let path = creds
-            .writecap()
-            .and_then(|writecap| writecap.path().cloned())
-            .ok_or_else(|| {
-                FsError::ReadOnly(
-                    "a new sector store needs credentials with a writecap; import one first".into(),
-                )
+    let mut config = RaftConfig::new(&dir);
+    config.engine = Arc::new(engine_config);
+    let network = |listen: SocketAddr| -> FsResult<RaftConfig> {
+        let credentials = Credentials::from_store(creds.clone()).map_err(|error| {
+            FsError::ReadOnly(format!(
+                "a cluster member needs runtime credentials with a writecap: {error}"
+            ))
+        })?;
+        Ok(config.clone().networked(credentials, listen))
+    };
+    let service = match membership {
+        Membership::Join { listen, peer } if !RaftService::exists(&dir) => {
+            std::fs::create_dir_all(&dir).map_err(|error| {
+                FsError::Io(format!("cannot create {}: {error}", dir.display()))
             })?;
-        let info = GenerationInfo {
-            generation: LOCAL_GENERATION,
-            directory: path,
-        };
-        DirectService::create(&dir, info, engine_config)?
+            RaftService::join_address(network(*listen)?, *peer)?
+        }
+        Membership::Join { listen, .. } | Membership::Listen(listen) => {
+            let config = network(*listen)?;
+            RaftService::open_or_create(config, || new_generation(creds.as_ref()))?
+        }
+        Membership::Alone => {
+            let service = RaftService::open_or_create(config, || new_generation(creds.as_ref()))?;
+            let voters = service.status().voters.len();
+            if voters > 1 {
+                // Without its network it could neither commit nor read, and
+                // campaigning alone would only disturb the others' terms.
+                return Err(FsError::Io(format!(
+                    "{} is a member of a cluster of {voters} servers: start it with \
+                     `blocktree up --listen ADDR:PORT` (and use the running server)",
+                    data.display()
+                )));
+            }
+            service
+        }
     };
     Ok(Arc::new(service))
 }
 
-/// A file system on the local store in `data`, using `creds`.
+/// The generation a new store holds: the root generation of the directory the
+/// runtime's writecap names.
+fn new_generation(creds: &dyn CredStore) -> Result<GenerationInfo, ServiceError> {
+    let path = creds
+        .writecap()
+        .and_then(|writecap| writecap.path().cloned())
+        .ok_or_else(|| {
+            ServiceError::Invalid(
+                "a new sector store needs credentials with a writecap; import one first".into(),
+            )
+        })?;
+    Ok(GenerationInfo {
+        generation: LOCAL_GENERATION,
+        directory: path,
+    })
+}
+
+/// A file system on the one-member store in `data`, using `creds`.
 pub fn open_local(
     data: &Path,
     creds: Arc<dyn CredStore>,
     config: FsConfig,
 ) -> FsResult<FileSystem> {
-    let service: Arc<dyn SectorService> = open_service(data, creds.as_ref())?;
+    let service: Arc<dyn SectorService> = open_service(data, creds.clone(), &Membership::Alone)?;
     FileSystem::new(service, creds, config)
 }

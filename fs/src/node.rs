@@ -217,8 +217,19 @@ impl NodeState {
             });
             (None, chain)
         };
+        NodeState::from_meta(ctx, ino, meta, keys, chain)
+    }
+
+    /// The node of stored metadata `meta` (verified), opened with `keys`.
+    fn from_meta(
+        ctx: &Ctx,
+        ino: u64,
+        meta: FileMeta,
+        keys: Option<NodeKeys>,
+        chain: Vec<u64>,
+    ) -> FsResult<NodeState> {
         let epoch_keys = keys.as_ref().map(|keys| &keys.epoch_keys);
-        let secrets = body.secrets(epoch_keys)?;
+        let secrets = meta.body().secrets(epoch_keys)?;
         let is_dir = secrets.mode & libc::S_IFMT == libc::S_IFDIR;
         let body = meta.into_body();
         let mut node = NodeState {
@@ -246,6 +257,61 @@ impl NodeState {
             node.dir = Some(Directory::from_blocks(&blocks)?);
         }
         Ok(node)
+    }
+
+    /// Replaces what this node holds of the stored file with what the store
+    /// holds now (another member changed it): its metadata, keys, tree, cached
+    /// sectors and directory. Open handles stay. Only a clean node is reloaded:
+    /// buffered changes were made against the old version, and committing them
+    /// fails verification rather than undo the other member's write.
+    pub fn reload(&mut self, ctx: &Ctx) -> FsResult<()> {
+        if self.is_dirty() {
+            return Ok(());
+        }
+        let parent = ParentInfo {
+            ino: self.ino,
+            key: self
+                .keys
+                .as_ref()
+                .and_then(|keys| SymmetricKey::from_slice(keys.file_key.as_bytes())),
+            chain: self.chain.clone(),
+        };
+        let fresh = match NodeState::load_with_key(ctx, self.ino, &parent) {
+            Ok(fresh) => fresh,
+            // Deleted elsewhere: what handles still read is what they had.
+            Err(FsError::NotFound) => return Ok(()),
+            Err(error) => return Err(error),
+        };
+        let handles = self.handles;
+        let version = self.version + 1;
+        *self = fresh;
+        self.handles = handles;
+        self.version = version;
+        Ok(())
+    }
+
+    /// [`NodeState::load`] of a file whose key is known already (`known.key`,
+    /// constant over the file's life), keeping its chain.
+    fn load_with_key(ctx: &Ctx, ino: u64, known: &ParentInfo) -> FsResult<NodeState> {
+        match &known.key {
+            None => NodeState::load(ctx, ino, None).map(|mut node| {
+                node.chain = known.chain.clone();
+                node
+            }),
+            Some(key) => {
+                let meta = ctx.service.read_meta(ino)?.ok_or(FsError::NotFound)?;
+                ctx.verify_read(&meta)?;
+                if meta.body().ids != ids(ctx, ino) {
+                    return Err(FsError::Io(format!(
+                        "metadata stored for inode {ino} names another file"
+                    )));
+                }
+                let file_key = SymmetricKey::from_slice(key.as_bytes())
+                    .ok_or_else(|| FsError::Io("file key of the wrong length".into()))?;
+                let keys = NodeKeys::open(meta.body(), file_key)?;
+                NodeState::from_meta(ctx, ino, meta, Some(keys), known.chain.clone())
+            }
+        }
     }
 
     /// What a child needs to open its key through this directory.

@@ -11,7 +11,7 @@ use blocktree_core::encoding;
 use blocktree_core::hash::HashAlgorithm;
 use blocktree_core::metadata::FileMeta;
 use blocktree_core::sector::{SectorId, SectorKind};
-use blocktree_engine::WriteBatch;
+use blocktree_engine::{EngineConfig, WriteBatch};
 use blocktree_fs::{ENCRYPT_XATTR, FileSystem, FsConfig, FsError};
 use blocktree_raftlog::{FileWrite, SectorBatch, SectorService, ServiceError};
 use common::*;
@@ -69,8 +69,13 @@ fn a_readcap_on_the_parent_directory_opens_the_subtree() {
     assert_eq!(fs.read(fh, 0, 100).unwrap(), b"the plans");
 }
 
-fn service(domain: &Domain) -> Arc<blocktree_raftlog::DirectService> {
-    blocktree_fs::local::open_service(&domain.data(), domain.creds.as_ref()).unwrap()
+fn service(domain: &Domain) -> Arc<blocktree_raftlog::RaftService> {
+    blocktree_fs::local::open_service(
+        &domain.data(),
+        domain.creds.clone(),
+        &blocktree_fs::local::Membership::Alone,
+    )
+    .unwrap()
 }
 
 /// A file written through the file system, then the store opened alone.
@@ -170,16 +175,24 @@ fn a_sector_swapped_under_the_store_reads_as_eio_and_only_it() {
     }
     let ino = stored_file(&domain, &data);
     {
-        // Replace sector 2 behind the service's back (as a malicious store would).
-        let service = service(&domain);
+        // Replace sector 2 behind the service's back (as a malicious store would):
+        // straight into the state machine's engine, with the service closed.
+        let generation = blocktree_fs::local::LOCAL_GENERATION;
+        let dir = domain
+            .data()
+            .join(blocktree_fs::local::SECTORS_DIR)
+            .join("engine");
+        let engine =
+            blocktree_engine::Engine::open_or_create(EngineConfig::new(dir), generation).unwrap();
         let mut batch = WriteBatch::new();
         let id = SectorId {
-            generation: service.generation(),
+            generation,
             inode: ino,
             sector: SectorKind::Data(2),
         };
         batch.put(id, vec![0xEE; 4096]);
-        service.engine().write(batch).wait().unwrap();
+        engine.write(batch).wait().unwrap();
+        engine.shutdown().unwrap();
     }
     let fs = domain.mount(FsConfig::default());
     let f = fs.resolve(&root(), "/f").unwrap();

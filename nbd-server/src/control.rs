@@ -1,5 +1,7 @@
 //! The control socket: how `blocktree volume` manages the volumes of a running
-//! server (create, list, resize, delete) while their exports stay up.
+//! server (create, list, resize, delete) while their exports stay up, and how
+//! `blocktree cluster status`, `leave` and `readcap grant` reach the server's
+//! cluster member and file system.
 //!
 //! `blocktree up` holds its data directory's lock, so no other process may open
 //! the store; it listens on a Unix socket in the data directory instead (mode
@@ -53,6 +55,70 @@ pub enum ControlRequest {
         /// The volume.
         name: String,
     },
+    /// The server's view of its sector service's cluster.
+    ClusterStatus,
+    /// Take the server out of its cluster; it then stops.
+    LeaveCluster,
+    /// Grant a readcap on an encrypted file or directory of the store.
+    GrantReadcap {
+        /// The file or directory, as a path in the store (`/` for everything).
+        path: String,
+        /// The reader's encryption public key (SEC1 point).
+        reader: Vec<u8>,
+        /// Who asks: the caller's user and groups, for the owner check.
+        uid: u32,
+        /// The caller's group.
+        gid: u32,
+    },
+}
+
+/// A member of the cluster, as a server reports it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberEntry {
+    /// Its Raft id (hex).
+    pub id: String,
+    /// Voter or learner.
+    pub voter: bool,
+    /// Where it listens for the others (empty: a member without network).
+    pub address: String,
+    /// Its runtime path, if it has a network.
+    pub path: String,
+}
+
+/// The state of a server's cluster, as the server sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterEntry {
+    /// The answering member's Raft id (hex).
+    pub node: String,
+    /// Its role: Leader, Follower, Candidate or Learner.
+    pub role: String,
+    /// The leader's Raft id (hex), when one is known.
+    pub leader: Option<String>,
+    /// The current term.
+    pub term: u64,
+    /// The highest log index known committed.
+    pub commit_index: Option<u64>,
+    /// The last log index applied to the sectors.
+    pub applied_index: Option<u64>,
+    /// The last log index held.
+    pub last_log_index: Option<u64>,
+    /// Voters and learners.
+    pub members: Vec<MemberEntry>,
+    /// The generation the cluster stores.
+    pub generation: u64,
+    /// The directory it serves.
+    pub directory: String,
+}
+
+/// What the control socket asks of the server besides its volumes: its
+/// cluster member and its file system.
+pub trait ServerControl: Send + Sync {
+    /// The member's view of its cluster.
+    fn status(&self) -> Result<ClusterEntry, String>;
+    /// Takes the member out of its cluster (the server then stops).
+    fn leave(&self) -> Result<(), String>;
+    /// Grants `reader` a readcap on `path` as user `uid`/`gid`; returns the inode.
+    fn grant_readcap(&self, path: &str, reader: &[u8], uid: u32, gid: u32) -> Result<u64, String>;
 }
 
 /// A volume as the server reports it.
@@ -84,6 +150,12 @@ pub enum ControlReply {
     },
     /// The volume deleted.
     Deleted(VolumeEntry),
+    /// The cluster's state.
+    Cluster(ClusterEntry),
+    /// The server left its cluster and is stopping.
+    Left,
+    /// The readcap was granted (and is durable) on this inode.
+    Granted(u64),
     /// The request was refused or failed; the message says why.
     Refused(String),
 }
@@ -208,8 +280,13 @@ mod socket {
     impl ControlServer {
         /// Listens on `path` (replacing a stale socket file there: the caller
         /// holds the data directory's lock, so no other server uses it) and
-        /// serves requests on `volumes`, one at a time, on its own thread.
-        pub fn start(path: &Path, volumes: Arc<Volumes>) -> io::Result<ControlServer> {
+        /// serves requests on `volumes` and `cluster`, one at a time, on its own
+        /// thread.
+        pub fn start(
+            path: &Path,
+            volumes: Arc<Volumes>,
+            cluster: Arc<dyn ServerControl>,
+        ) -> io::Result<ControlServer> {
             match std::fs::remove_file(path) {
                 Ok(()) => {}
                 Err(error) if error.kind() == io::ErrorKind::NotFound => {}
@@ -222,7 +299,7 @@ mod socket {
                 let stopping = stopping.clone();
                 std::thread::Builder::new()
                     .name("control".into())
-                    .spawn(move || accept_loop(listener, &volumes, &stopping))?
+                    .spawn(move || accept_loop(listener, &volumes, &*cluster, &stopping))?
             };
             Ok(ControlServer {
                 path: path.to_owned(),
@@ -249,14 +326,19 @@ mod socket {
         }
     }
 
-    fn accept_loop(listener: UnixListener, volumes: &Volumes, stopping: &AtomicBool) {
+    fn accept_loop(
+        listener: UnixListener,
+        volumes: &Volumes,
+        cluster: &dyn ServerControl,
+        stopping: &AtomicBool,
+    ) {
         for stream in listener.incoming() {
             if stopping.load(Ordering::Acquire) {
                 return;
             }
             match stream {
                 Ok(stream) => {
-                    if let Err(error) = serve_one(stream, volumes) {
+                    if let Err(error) = serve_one(stream, volumes, cluster) {
                         tracing::warn!("control socket: {error}");
                     }
                 }
@@ -265,10 +347,28 @@ mod socket {
         }
     }
 
-    fn serve_one(mut stream: UnixStream, volumes: &Volumes) -> Result<(), ControlError> {
+    fn serve_one(
+        mut stream: UnixStream,
+        volumes: &Volumes,
+        cluster: &dyn ServerControl,
+    ) -> Result<(), ControlError> {
         stream.set_read_timeout(Some(REQUEST_TIMEOUT))?;
         stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
         let reply = match read_frame(&mut stream).and_then(|body| decode_request(&body)) {
+            Ok(ControlRequest::ClusterStatus) => cluster
+                .status()
+                .map_or_else(ControlReply::Refused, ControlReply::Cluster),
+            Ok(ControlRequest::LeaveCluster) => cluster
+                .leave()
+                .map_or_else(ControlReply::Refused, |()| ControlReply::Left),
+            Ok(ControlRequest::GrantReadcap {
+                path,
+                reader,
+                uid,
+                gid,
+            }) => cluster
+                .grant_readcap(&path, &reader, uid, gid)
+                .map_or_else(ControlReply::Refused, ControlReply::Granted),
             Ok(request) => perform(volumes, request),
             // A malformed request gets an answer saying so; the server goes on.
             Err(error) => ControlReply::Refused(error.to_string()),
@@ -306,6 +406,11 @@ mod socket {
             ControlRequest::Delete { name } => volumes
                 .delete(&name)
                 .map(|volume| ControlReply::Deleted(entry(volumes, volume))),
+            ControlRequest::ClusterStatus
+            | ControlRequest::LeaveCluster
+            | ControlRequest::GrantReadcap { .. } => {
+                return ControlReply::Refused("not a volume request".into());
+            }
         };
         result.unwrap_or_else(|error| ControlReply::Refused(error.to_string()))
     }
@@ -342,6 +447,14 @@ mod tests {
             ControlRequest::Delete {
                 name: "vol1".into(),
             },
+            ControlRequest::ClusterStatus,
+            ControlRequest::LeaveCluster,
+            ControlRequest::GrantReadcap {
+                path: "/".into(),
+                reader: vec![4; 65],
+                uid: 0,
+                gid: 0,
+            },
         ];
         for request in requests {
             let mut wire = Vec::new();
@@ -357,6 +470,24 @@ mod tests {
         };
         let reply = ControlReply::Volumes(vec![entry.clone(), entry]);
         assert_eq!(decode_reply(&encode_reply(&reply)).unwrap(), reply);
+        let cluster = ControlReply::Cluster(ClusterEntry {
+            node: "00000000000000ab".into(),
+            role: "Leader".into(),
+            leader: Some("00000000000000ab".into()),
+            term: 3,
+            commit_index: Some(17),
+            applied_index: Some(17),
+            last_log_index: Some(17),
+            members: vec![MemberEntry {
+                id: "00000000000000ab".into(),
+                voter: true,
+                address: "127.0.0.1:7001".into(),
+                path: "/root/a".into(),
+            }],
+            generation: 1,
+            directory: "/root".into(),
+        });
+        assert_eq!(decode_reply(&encode_reply(&cluster)).unwrap(), cluster);
     }
 
     #[test]

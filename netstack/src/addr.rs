@@ -127,8 +127,13 @@ impl ServiceName {
     /// How far a runtime at `runtime` is from the scope, when it is admitted:
     /// 0 for a runtime directly in the scope, 1 for one in its parent, …
     pub fn distance(&self, runtime: &BtPath) -> Option<usize> {
-        // Computed on every message, so without building the parent path.
-        let (_, directory) = runtime.components().split_last()?;
+        // Computed on every message, so without building the parent path. A
+        // runtime at a domain's root path (a server whose writecap is the whole
+        // domain) lives in the root directory itself.
+        let directory = runtime
+            .components()
+            .split_last()
+            .map_or(&[][..], |(_, directory)| directory);
         let scope = self.scope.components();
         let inside = runtime.root() == self.scope.root()
             && if self.rootward {

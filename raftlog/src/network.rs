@@ -337,18 +337,24 @@ pub(crate) async fn call_control(
     runtime.add_peer(path.clone(), addr, [service.clone()]);
     let name = ServiceName {
         service,
-        scope: path.parent().ok_or_else(no_route)?,
+        scope: directory_of(path),
         rootward: false,
         id: ServiceId::name("raft").map_err(|_| no_route())?,
     };
     runtime.call(name, message, CONTROL_TIMEOUT).await
 }
 
+/// The directory a runtime at `path` lives in: its parent, or the domain's
+/// root for a runtime at the root path (see `ServiceName::distance`).
+fn directory_of(path: &BtPath) -> BtPath {
+    path.parent().unwrap_or_else(|| path.clone())
+}
+
 /// The name to call member `node`'s raft service by.
 fn service_name(directory: &BtPath, node: NodeId, member: &MemberNode) -> Option<ServiceName> {
     Some(ServiceName {
         service: raft_service_path(directory, node)?,
-        scope: member.path.as_ref()?.parent()?,
+        scope: directory_of(member.path.as_ref()?),
         rootward: false,
         id: ServiceId::name("raft").ok()?,
     })

@@ -883,17 +883,8 @@ impl Member {
 
     /// On the leader: removes `nodes` from the cluster (voters and learners).
     pub fn remove(&self, nodes: BTreeSet<NodeId>) -> Result<(), ServiceError> {
-        self.block_on(async {
-            self.raft
-                .change_membership(ChangeMembers::RemoveVoters(nodes.clone()), false)
-                .await
-                .map_err(write_error)?;
-            self.raft
-                .change_membership(ChangeMembers::RemoveNodes(nodes), false)
-                .await
-                .map_err(write_error)
-                .map(|_| ())
-        })
+        self.block_on(remove_members(&self.raft, nodes))
+            .map_err(write_error)
     }
 
     /// Takes this member out of its cluster (`blocktree leave`): asks the
@@ -1343,10 +1334,26 @@ impl Member {
         }
         match message {
             RaftMessage::ForwardWrite { batch } => match crate::forward::decode_batch(&batch) {
-                Ok(batch) => match self.write_here(batch) {
-                    Ok(index) => RaftReply::Applied { index },
-                    Err(error) => self.failure_reply(error),
-                },
+                Ok(batch) => {
+                    // Written here by another member's caller: for the callers
+                    // of this member (its file system's caches), it is foreign.
+                    let inodes: Vec<u64> = batch
+                        .files
+                        .iter()
+                        .map(|file| file.meta.body().ids.inode)
+                        .chain(batch.removes.iter().map(|meta| meta.body().ids.inode))
+                        .collect();
+                    let written = self.write_here(batch);
+                    if written.is_ok() {
+                        for inode in inodes {
+                            self.store.announce_foreign(inode);
+                        }
+                    }
+                    match written {
+                        Ok(index) => RaftReply::Applied { index },
+                        Err(error) => self.failure_reply(error),
+                    }
+                }
                 Err(error) => RaftReply::Failed {
                     kind: FailureKind::Invalid,
                     inode: 0,
@@ -1907,20 +1914,43 @@ pub(crate) async fn leave_member(shared: &NetworkShared, raft: &Raft, node: Node
             node: None,
         };
     }
-    let nodes = BTreeSet::from([node]);
-    if let Err(error) = raft
-        .change_membership(ChangeMembers::RemoveVoters(nodes.clone()), false)
-        .await
-    {
-        return RaftReply::Refused(error.to_string());
-    }
-    match raft
-        .change_membership(ChangeMembers::RemoveNodes(nodes), false)
-        .await
-    {
-        Ok(_) => RaftReply::Done,
+    match remove_members(raft, BTreeSet::from([node])).await {
+        Ok(()) => RaftReply::Done,
         Err(error) => RaftReply::Refused(error.to_string()),
     }
+}
+
+/// On the leader: takes `nodes` out of the membership, voters and learners.
+/// Voters go in one change that also forgets them (`retain` false): when the
+/// leader removes itself it steps down once that commits, and must not be
+/// asked for a second change.
+async fn remove_members(
+    raft: &Raft,
+    nodes: BTreeSet<NodeId>,
+) -> Result<(), RaftError<NodeId, ClientWriteError<NodeId, MemberNode>>> {
+    let membership = raft
+        .metrics()
+        .borrow()
+        .membership_config
+        .membership()
+        .clone();
+    let voters: BTreeSet<NodeId> = membership
+        .voter_ids()
+        .filter(|id| nodes.contains(id))
+        .collect();
+    let learners: BTreeSet<NodeId> = membership
+        .learner_ids()
+        .filter(|id| nodes.contains(id))
+        .collect();
+    if !voters.is_empty() {
+        raft.change_membership(ChangeMembers::RemoveVoters(voters), false)
+            .await?;
+    }
+    if !learners.is_empty() {
+        raft.change_membership(ChangeMembers::RemoveNodes(learners), false)
+            .await?;
+    }
+    Ok(())
 }
 
 /// On the leader: records that member `node` now listens at `member` (at its
@@ -2017,6 +2047,10 @@ impl SectorService for RaftService {
 
     fn space(&self) -> Result<(u64, u64), ServiceError> {
         crate::store::space(&self.member.dir)
+    }
+
+    fn watch_foreign_changes(&self) -> Option<Receiver<u64>> {
+        self.member.store.watch_foreign_changes()
     }
 }
 

@@ -160,4 +160,13 @@ pub trait SectorService: Send + Sync {
 
     /// Bytes free for sector data and in total, for statfs.
     fn space(&self) -> Result<(u64, u64), ServiceError>;
+
+    /// The inodes that writes made elsewhere change from now on (another
+    /// member's, in a replicated service), announced as they are applied, so a
+    /// layer that caches files above the service reloads them;
+    /// `u64::MAX` means every file. `None` if nothing but this service's own
+    /// callers writes (the default), or when asked a second time.
+    fn watch_foreign_changes(&self) -> Option<Receiver<u64>> {
+        None
+    }
 }

@@ -27,7 +27,7 @@ use serde_bytes::ByteBuf;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 /// Files whose state is cached before unused entries are dropped.
 const CACHED_FILES: usize = 4096;
@@ -205,7 +205,14 @@ pub(crate) struct SectorStore {
     /// signs many batches under one writecap, and its chain's signatures need
     /// checking once. Expiry, revocation and the subject are checked every time.
     verified_chains: Mutex<HashSet<Vec<u8>>>,
+    /// Where inodes changed by writes made elsewhere are announced, once a
+    /// caching layer asked ([`SectorStore::watch_foreign_changes`]).
+    foreign: OnceLock<Sender<u64>>,
 }
+
+/// Announced on the channel of [`SectorStore::watch_foreign_changes`] when
+/// every file may have changed (a snapshot replaced the whole store).
+pub const ALL_FILES_CHANGED: u64 = u64::MAX;
 
 impl SectorStore {
     pub(crate) fn new(engine: Engine, info: GenerationInfo) -> SectorStore {
@@ -216,6 +223,23 @@ impl SectorStore {
             files: Mutex::new(HashMap::new()),
             subscribers: Mutex::new(HashMap::new()),
             verified_chains: Mutex::new(HashSet::new()),
+            foreign: OnceLock::new(),
+        }
+    }
+
+    /// The inodes that writes made elsewhere (entries another member or process
+    /// proposed) change from now on, as they are applied; [`ALL_FILES_CHANGED`]
+    /// when a snapshot replaced the store. Only the first caller is served.
+    pub(crate) fn watch_foreign_changes(&self) -> Option<Receiver<u64>> {
+        let (sender, receiver) = crossbeam_channel::unbounded();
+        self.foreign.set(sender).ok().map(|()| receiver)
+    }
+
+    /// Announces that `inode` changed by a write made elsewhere.
+    pub(crate) fn announce_foreign(&self, inode: u64) {
+        if let Some(sender) = self.foreign.get() {
+            // The receiver gone means nothing caches files any more.
+            let _ = sender.send(inode);
         }
     }
 
@@ -236,6 +260,7 @@ impl SectorStore {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let old = std::mem::replace(&mut *slot, engine);
         lock(&self.files).clear();
+        self.announce_foreign(ALL_FILES_CHANGED);
         old
     }
 
@@ -273,6 +298,7 @@ impl SectorStore {
         if let Some(entry) = lock(&self.files).get(&inode) {
             entry.stale.store(true, Ordering::Release);
         }
+        self.announce_foreign(inode);
     }
 
     /// The stored metadata of `inode`, from the cache or the engine.

@@ -5,6 +5,7 @@
 
 pub mod appliance;
 pub mod bench;
+pub mod cluster;
 pub mod domain;
 pub mod mount;
 pub mod output;

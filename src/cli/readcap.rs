@@ -2,16 +2,18 @@
 //! file or directory of a local store.
 //!
 //! It opens the store in DATA with the granter's credentials (DATA/credentials by
-//! default), so the store must not be mounted at the time, and asks the
+//! default) — or, while `blocktree up` runs in DATA, asks it through its control
+//! socket, which grants with the server's credentials — and asks the
 //! filesystem service to wrap the file's key for the reader's encryption key. A
 //! readcap on a directory opens everything below it.
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use blocktree_core::credstore::CredStore;
 use blocktree_core::keys::{EncryptionPublicKey, POINT_LEN};
 use blocktree_fs::{FsConfig, local};
+use blocktree_nbd::control::{self, CONTROL_SOCKET, ControlReply, ControlRequest};
 use clap::{Args, Subcommand};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -19,7 +21,7 @@ use std::sync::Arc;
 use super::domain::CREDENTIALS_DIR;
 use super::output::{Report, key_text};
 use super::provision::{StoreSpec, open_store};
-use super::volume::lock_data_dir;
+use super::volume::try_lock_data_dir;
 
 /// Arguments of `blocktree readcap`.
 #[derive(Debug, Args)]
@@ -89,7 +91,9 @@ fn grant(args: GrantArgs) -> Result<()> {
         }
         (None, None) => return Err(anyhow!("give --reader-store or --reader-key")),
     };
-    let _lock = lock_data_dir(&args.data)?;
+    let Some(_lock) = try_lock_data_dir(&args.data)? else {
+        return grant_live(&args, &reader, &reader_name);
+    };
     let store_dir = args
         .credentials
         .clone()
@@ -111,6 +115,43 @@ fn grant(args: GrantArgs) -> Result<()> {
     report
         .field("readcap granted", format!("{} (inode {ino})", args.path))
         .field("reader", reader_name);
+    report.print()
+}
+
+/// Asks the `blocktree up` running in DATA to grant the readcap, as this
+/// process's user (the server checks that it owns the file, or is root).
+fn grant_live(args: &GrantArgs, reader: &EncryptionPublicKey, reader_name: &str) -> Result<()> {
+    let socket = args.data.join(CONTROL_SOCKET);
+    if !socket.exists() || args.credentials.is_some() {
+        bail!(
+            "{} is in use by another blocktree process; stop it first (a running `blocktree \
+             up` grants with its own credentials, so --credentials needs it stopped)",
+            args.data.display()
+        );
+    }
+    let caller = blocktree_fuse::caller::of_process(std::process::id())
+        .context("cannot read this process's user and groups")?;
+    let request = ControlRequest::GrantReadcap {
+        path: args.path.clone(),
+        reader: reader.as_sec1().to_vec(),
+        uid: caller.uid,
+        gid: caller.gid,
+    };
+    let ino = match control::call(&socket, &request).with_context(|| {
+        format!(
+            "the running blocktree up did not answer on {}",
+            socket.display()
+        )
+    })? {
+        ControlReply::Granted(ino) => ino,
+        ControlReply::Refused(reason) => bail!(reason),
+        other => bail!("unexpected answer from the server: {other:?}"),
+    };
+    let mut report = Report::new();
+    report
+        .field("readcap granted", format!("{} (inode {ino})", args.path))
+        .field("reader", reader_name)
+        .field("granted by", "the running server");
     report.print()
 }
 

@@ -7,7 +7,9 @@
 //! root for the domain root path, import). Later starts reuse the store and check
 //! its writecap.
 //!
-//! Then it opens the file system on the local sector store (`DATA/sectors`),
+//! Then it opens the file system on the sector store (`DATA/sectors`): a Raft
+//! cluster of this server alone, or, with `--listen`, a member other servers can
+//! join (`blocktree join`, below, is `up` that first joins a running cluster),
 //! creates the volume `vol0` (1 GiB) on first start, and serves every volume
 //! (`/volumes/<name>`, managed with `blocktree volume`) over NBD until SIGINT or
 //! SIGTERM, printing the report and one `ready:` line once the exports are
@@ -16,16 +18,19 @@
 
 use anyhow::{Context, Result, anyhow, bail};
 use blocktree_core::credstore::CredStore;
-use blocktree_fs::{FileSystem, FsConfig, local};
+use blocktree_fs::local::{self, Membership};
+use blocktree_fs::{FileSystem, FsConfig};
 use blocktree_nbd::control::{CONTROL_SOCKET, ControlServer};
 use blocktree_nbd::volumes::{DEFAULT_BLOCK_SIZE, DEFAULT_VOLUME};
 use blocktree_nbd::{LogLevel, ServerConfig, Stop, TlsMode, Volume, Volumes};
+use blocktree_raftlog::{RaftService, SectorService};
 use clap::{Args, ValueEnum};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::absolute;
+use super::cluster::{ServiceControl, cluster_entry};
 use super::domain::{self, NewStoreArg};
 use super::output::Report;
 use super::volume::{lock_data_dir, size_text};
@@ -106,6 +111,10 @@ pub struct UpArgs {
     /// Serve every volume read-only.
     #[arg(long)]
     read_only: bool,
+    /// Listen for the other servers of the store's cluster (bttp over QUIC) on
+    /// this address; without it the store is a cluster of this server alone.
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: Option<String>,
     /// Log level of the server's messages on stderr: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     log: LogLevel,
@@ -153,12 +162,37 @@ fn tls_config(args: &UpArgs) -> Result<Option<blocktree_nbd::tls::TlsConfig>> {
     }
 }
 
-fn resolve(address: &str) -> Result<SocketAddr> {
+/// The first address `address` (`host:port`) resolves to; `what` names it in
+/// errors (`--nbd`).
+pub(crate) fn resolve(what: &str, address: &str) -> Result<SocketAddr> {
     address
         .to_socket_addrs()
-        .with_context(|| format!("--nbd {address}: not an address and port"))?
+        .with_context(|| format!("{what} {address}: not an address and port"))?
         .next()
-        .ok_or_else(|| anyhow!("--nbd {address}: the name resolves to no address"))
+        .ok_or_else(|| anyhow!("{what} {address}: the name resolves to no address"))
+}
+
+/// The long `--help` text of `blocktree join`.
+pub const JOIN_LONG_ABOUT: &str = "Start a new server as a member of a running server's cluster.
+
+The server's sectors are then replicated by Raft with the other members': writes commit on a majority, and any member serves NBD (a member that does not lead forwards writes to the leader). DATA must hold a credential store whose writecap lies in the cluster's directory (the first server's writecap path), and no sectors yet. Grant it one with the root credentials, which the first server's DATA/credentials holds:
+
+  blocktree provision new-runtime --store DATA/credentials
+  blocktree provision request --store DATA/credentials --path /<root>/<server name> --out s.request
+  blocktree provision approve --store FIRST/credentials --request s.request --out s.writecap
+  blocktree provision import --store DATA/credentials --writecap s.writecap
+  blocktree join --data DATA --listen ADDR:PORT --nbd ADDR:PORT PEER_ADDR:PORT
+
+The new server joins as a learner, receives the generation's sectors as a snapshot while writes go on, becomes a voter, and then serves like `blocktree up`, which restarts it later (with the same --listen). `blocktree cluster status` shows the members; `blocktree leave` takes a server out.";
+
+/// Arguments of `blocktree join`.
+#[derive(Debug, Args)]
+pub struct JoinArgs {
+    /// A member of the cluster to join: its --listen address.
+    #[arg(value_name = "PEER_ADDR:PORT")]
+    peer: String,
+    #[command(flatten)]
+    up: UpArgs,
 }
 
 /// `vol0 (1 GiB), vol1 (10 GiB)`.
@@ -201,9 +235,35 @@ fn clients_text(args: &UpArgs) -> String {
 /// creates `vol0` on first start, and serves the volumes over NBD until SIGINT or
 /// SIGTERM.
 pub fn run(args: UpArgs) -> Result<()> {
+    let membership = match &args.listen {
+        Some(listen) => Membership::Listen(resolve("--listen", listen)?),
+        None => Membership::Alone,
+    };
+    serve(args, membership)
+}
+
+/// Runs `blocktree join`: `up`, joining the cluster of the member at PEER first
+/// when DATA holds no member yet.
+pub fn join(args: JoinArgs) -> Result<()> {
+    let Some(listen) = &args.up.listen else {
+        bail!("join needs --listen ADDR:PORT: where the other members reach this server");
+    };
+    let listen = resolve("--listen", listen)?;
+    let peer = resolve("the peer", &args.peer)?;
+    let credentials = args.up.data.join(domain::CREDENTIALS_DIR);
+    if !credentials.exists() {
+        bail!(
+            "{} holds no credential store: a joining server needs a writecap in the              cluster's directory, issued with the root credentials (see `blocktree join              --help`)",
+            credentials.display()
+        );
+    }
+    serve(args.up, Membership::Join { listen, peer })
+}
+
+fn serve(args: UpArgs, membership: Membership) -> Result<()> {
     blocktree_nbd::limit_malloc_arenas();
     blocktree_nbd::log_to_stderr(args.log);
-    let tcp = resolve(&args.nbd)?;
+    let tcp = resolve("--nbd", &args.nbd)?;
     let tls_config = tls_config(&args)?;
     let domain::DomainStore { store, dir, how } = domain::open_or_create(
         &args.data,
@@ -239,13 +299,31 @@ pub fn run(args: UpArgs) -> Result<()> {
         sector_size: DEFAULT_BLOCK_SIZE,
         ..FsConfig::default()
     };
+    let joining = matches!(membership, Membership::Join { .. }) && !local::exists(&args.data);
+    if joining {
+        eprintln!("joining the cluster (receiving its sectors first)…");
+    }
+    let service = local::open_service(&args.data, creds.clone(), &membership)
+        .with_context(|| format!("cannot open the Blocktree store in {}", data.display()))?;
+    report.field("cluster", cluster_text(&service, joining));
+    let sectors: Arc<dyn SectorService> = service.clone();
     let fs = Arc::new(
-        local::open_local(&args.data, creds, config)
+        FileSystem::new(sectors, creds, config)
             .with_context(|| format!("cannot open the Blocktree store in {}", data.display()))?,
     );
     FileSystem::start_flusher(&fs);
-    let volumes = Arc::new(Volumes::new(fs.clone(), args.read_only));
-    if !args.read_only {
+    // A member whose writecap does not cover the cluster's directory (a
+    // joined server granted a path inside it) stores and serves, but cannot
+    // sign writes: its exports are read-only, and the report says why.
+    let read_only = args.read_only || fs.write_refusal().is_some();
+    if let (false, Some(why)) = (args.read_only, fs.write_refusal()) {
+        report.field(
+            "writes",
+            format!("refused, volumes served read-only: {why}"),
+        );
+    }
+    let volumes = Arc::new(Volumes::new(fs.clone(), read_only));
+    if !read_only {
         let (_, first_start) = volumes.ensure_dir()?;
         if first_start {
             volumes
@@ -270,16 +348,18 @@ pub fn run(args: UpArgs) -> Result<()> {
         unix: args.nbd_socket.clone(),
         tls,
         tls_config,
-        read_only: args.read_only,
+        read_only,
         ..ServerConfig::default()
     };
     let control_path = args.data.join(CONTROL_SOCKET);
-    let control = ControlServer::start(&control_path, volumes.clone()).with_context(|| {
-        format!(
-            "cannot listen on the control socket {}",
-            control_path.display()
-        )
-    })?;
+    let cluster = Arc::new(ServiceControl::new(service.clone(), fs.clone()));
+    let control = ControlServer::start(&control_path, volumes.clone(), cluster.clone())
+        .with_context(|| {
+            format!(
+                "cannot listen on the control socket {}",
+                control_path.display()
+            )
+        })?;
     let served = blocktree_nbd::serve(
         volumes,
         server,
@@ -320,6 +400,49 @@ pub fn run(args: UpArgs) -> Result<()> {
     let synced = fs.sync_all();
     served.context("the NBD server failed")?;
     synced.context("cannot make every write durable")?;
+    if cluster.has_left() {
+        drop(cluster);
+        drop(fs);
+        drop(service);
+        let sectors = args.data.join(local::SECTORS_DIR);
+        let aside = args.data.join(format!("{}.left", local::SECTORS_DIR));
+        let _ = std::fs::remove_dir_all(&aside);
+        std::fs::rename(&sectors, &aside).with_context(|| {
+            format!(
+                "left the cluster, but cannot move {} aside",
+                sectors.display()
+            )
+        })?;
+        println!(
+            "stopped: left the cluster; this server's last copy of the sectors is in {}",
+            absolute(&aside).display()
+        );
+        return Ok(());
+    }
     println!("stopped: every write is durable");
     Ok(())
+}
+
+/// The `cluster:` line of the report.
+fn cluster_text(service: &RaftService, joined_now: bool) -> String {
+    let status = cluster_entry(&service.status());
+    let Some(addr) = service.local_addr() else {
+        return format!(
+            "this server alone (Raft member {}, no network; `--listen ADDR:PORT` lets others \
+             join)",
+            status.node
+        );
+    };
+    let voters = status.members.iter().filter(|member| member.voter).count();
+    let leader = match &status.leader {
+        Some(leader) if *leader == status.node => "this server leads".to_owned(),
+        Some(leader) => format!("leader {leader}"),
+        None => "no leader yet".to_owned(),
+    };
+    format!(
+        "{} member {} listening on {addr}, one of {voters} voters, {leader}, term {}",
+        if joined_now { "joined as" } else { "Raft" },
+        status.node,
+        status.term
+    )
 }

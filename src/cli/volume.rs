@@ -341,7 +341,7 @@ pub(crate) fn lock_data_dir(data: &Path) -> Result<File> {
 }
 
 /// [`lock_data_dir`], or `None` when another process holds the lock.
-fn try_lock_data_dir(data: &Path) -> Result<Option<File>> {
+pub(crate) fn try_lock_data_dir(data: &Path) -> Result<Option<File>> {
     std::fs::create_dir_all(data)
         .with_context(|| format!("cannot create the data directory {}", data.display()))?;
     let path = data.join(LOCK_FILE);

@@ -48,10 +48,16 @@ impl Data {
 
     /// `blocktree up --data DATA --nbd 127.0.0.1:0 extra...`, once it is ready.
     pub fn up(&self, extra: &[&str]) -> Up {
+        self.serve("up", extra)
+    }
+
+    /// `blocktree COMMAND --data DATA --nbd 127.0.0.1:0 extra...` (`up` or
+    /// `join`), once it is ready.
+    pub fn serve(&self, command: &str, extra: &[&str]) -> Up {
         let n = self.starts.get() + 1;
         self.starts.set(n);
         let mut args: Vec<String> = vec![
-            "up".into(),
+            command.into(),
             "--data".into(),
             arg(&self.data()),
             "--nbd".into(),
@@ -205,6 +211,22 @@ impl Up {
         assert!(
             status.success(),
             "blocktree up exited with {status} after SIGTERM: {}",
+            self.stderr_text()
+        );
+        (self.stdout_text(), self.stderr_text())
+    }
+
+    /// Waits for the server to stop by itself; it must exit 0. Returns stdout
+    /// and stderr.
+    pub fn wait_for_exit(mut self) -> (String, String) {
+        let mut child = self.child.take().expect("running");
+        let status = wait_timeout(&mut child, STOP_TIMEOUT).unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("blocktree did not stop within {STOP_TIMEOUT:?}")
+        });
+        assert!(
+            status.success(),
+            "blocktree exited with {status}: {}",
             self.stderr_text()
         );
         (self.stdout_text(), self.stderr_text())

@@ -294,18 +294,18 @@ impl ApplianceConfig {
         }
         if !self.cluster.join.is_empty() {
             bail!(
-                "cluster.join = {:?}: joining an existing cluster is not supported by this build \
-                 of blocktree (cluster membership is issue #7); leave cluster.join empty to run a \
-                 single-server domain",
+                "cluster.join = {:?}: an appliance cannot join a cluster from its configuration \
+                 yet (the joining server needs credentials granted by the cluster's root: see \
+                 `blocktree join --help`); leave cluster.join empty, and set cluster.listen on \
+                 the server others join",
                 self.cluster.join
             );
         }
         if !self.cluster.listen.is_empty() {
-            warnings.push(format!(
-                "cluster.listen = {:?} is ignored: this build of blocktree serves a single-server \
-                 domain (cluster membership is issue #7)",
-                self.cluster.listen
-            ));
+            self.cluster
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .map_err(|error| anyhow!("cluster.listen = {:?}: {error}", self.cluster.listen))?;
         }
         if self.console.login && !self.console.password_hash.starts_with('$') {
             bail!(
@@ -574,14 +574,17 @@ enabled = false
     }
 
     #[test]
-    fn joining_is_refused_and_listening_is_a_warning() {
+    fn joining_is_refused_and_listening_must_be_an_address() {
         let mut config = ApplianceConfig::default();
         config.apply_override("listen", "0.0.0.0:4433").unwrap();
-        let warnings = config.validate().unwrap();
-        assert!(warnings[0].contains("cluster.listen"), "{warnings:?}");
+        assert!(config.validate().unwrap().is_empty());
+        config.apply_override("listen", "port 4433").unwrap();
+        let error = config.validate().unwrap_err().to_string();
+        assert!(error.contains("cluster.listen"), "{error}");
+        config.apply_override("listen", "0.0.0.0:4433").unwrap();
         config.apply_override("join", "192.0.2.1:4433").unwrap();
         let error = config.validate().unwrap_err().to_string();
-        assert!(error.contains("not supported by this build"), "{error}");
+        assert!(error.contains("blocktree join --help"), "{error}");
     }
 
     #[test]

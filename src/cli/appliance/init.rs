@@ -355,6 +355,10 @@ fn start(
         args.push("--root-password-file".into());
         args.push(file.into());
     }
+    if !config.cluster.listen.is_empty() {
+        args.push("--listen".into());
+        args.push(config.cluster.listen.clone().into());
+    }
     let mut up = Service::new("blocktree up", blocktree, args);
     up.ready_events = Some(events.clone());
     up.context = Some(BannerContext {
