@@ -43,8 +43,11 @@ const PURGED_SECTOR: u64 = 2;
 pub const MAX_PARTS: u64 = 1024;
 /// Bytes of an entry's encoding per engine record.
 pub const PART_BYTES: usize = 1 << 20;
-/// Bytes of entries kept in memory after they are durable.
-const CACHE_BYTES: usize = 64 << 20;
+/// Bytes of entries kept in memory after they are durable: enough for the
+/// state machine (which reads entries to apply them) and followers a few
+/// rounds behind; a server's memory budget (256 MiB under NBD load) has no
+/// room for more, and a lagging follower reads the rest from the disk.
+const CACHE_BYTES: usize = 16 << 20;
 /// Part-0 reads in flight while opening the log.
 const SCAN_BATCH: u64 = 256;
 
