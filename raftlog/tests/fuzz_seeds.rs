@@ -7,17 +7,16 @@
 
 mod common;
 
-use blocktree_core::credstore::{CredStore, FileCredStore, RuntimeSigner};
+use blocktree_core::credstore::FileCredStore;
 use blocktree_core::encoding;
 use blocktree_core::hash::HashAlgorithm;
 use blocktree_core::merkle::MerkleTree;
-use blocktree_core::metadata::{FileMeta, MetaBody, MetaSecrets, SecretsPart};
-use blocktree_core::readcap::{FileIds, ParentTable, ReadcapTable, SALT_LEN};
 use blocktree_raftlog::forward::{decode_batch, encode_batch};
 use blocktree_raftlog::network::{FailureKind, RaftMessage, RaftReply};
 use blocktree_raftlog::service::{FileWrite, SectorBatch};
 use blocktree_raftlog::types::MemberNode;
 use common::Domain;
+use common::files::clear_meta;
 use std::path::PathBuf;
 
 fn seeds_dir() -> PathBuf {
@@ -34,24 +33,7 @@ fn batch(domain: &Domain) -> SectorBatch {
         (1, MerkleTree::leaf_hash(HashAlgorithm::Sha256, &[])),
     ])
     .unwrap();
-    let body = MetaBody {
-        ids: FileIds {
-            generation: 2,
-            inode: 3,
-        },
-        sector_size: 512,
-        hash_algorithm: HashAlgorithm::Sha256,
-        merkle_root: tree.root(),
-        sector_count: 2,
-        writer: writer.signing_public_key(),
-        writecap: writer.writecap().cloned().unwrap(),
-        readcaps: ReadcapTable::default(),
-        parents: ParentTable::default(),
-        salt: [0; SALT_LEN],
-        keys: None,
-        secrets: SecretsPart::Clear(MetaSecrets::default()),
-    };
-    let meta = FileMeta::sign(body, &RuntimeSigner(&writer)).unwrap();
+    let meta = clear_meta(&writer, 2, 3, 512, &tree);
     SectorBatch {
         files: vec![FileWrite {
             meta: meta.clone(),

@@ -4,50 +4,11 @@
 
 mod common;
 
-use blocktree_core::credstore::{CredStore, FileCredStore, RuntimeSigner};
-use blocktree_core::hash::HashAlgorithm;
-use blocktree_core::merkle::MerkleTree;
-use blocktree_core::metadata::{FileMeta, MetaBody, MetaSecrets, SecretsPart};
-use blocktree_core::readcap::{FileIds, ParentTable, ReadcapTable, SALT_LEN};
-use blocktree_raftlog::service::{FileWrite, SectorBatch, SectorService};
+use blocktree_core::credstore::FileCredStore;
+use blocktree_raftlog::service::SectorService;
 use blocktree_raftlog::{GenerationInfo, RaftConfig, RaftService};
 use common::Domain;
-
-fn one_sector_file(service: &RaftService, writer: &dyn CredStore, bytes: &[u8]) -> u64 {
-    let inode = service.allocate_inode().unwrap();
-    let mut tree = MerkleTree::new(HashAlgorithm::Sha256);
-    tree.update_leaf_hashes([(0, MerkleTree::leaf_hash(HashAlgorithm::Sha256, bytes))])
-        .unwrap();
-    let body = MetaBody {
-        ids: FileIds {
-            generation: service.generation(),
-            inode,
-        },
-        sector_size: bytes.len() as u32,
-        hash_algorithm: HashAlgorithm::Sha256,
-        merkle_root: tree.root(),
-        sector_count: 1,
-        writer: writer.signing_public_key(),
-        writecap: writer.writecap().cloned().unwrap(),
-        readcaps: ReadcapTable::default(),
-        parents: ParentTable::default(),
-        salt: [0; SALT_LEN],
-        keys: None,
-        secrets: SecretsPart::Clear(MetaSecrets::default()),
-    };
-    let meta = FileMeta::sign(body, &RuntimeSigner(writer)).unwrap();
-    service
-        .write(SectorBatch {
-            files: vec![FileWrite {
-                meta,
-                data: vec![(0, bytes.to_vec())],
-                holes: Vec::new(),
-            }],
-            removes: Vec::new(),
-        })
-        .unwrap();
-    inode
-}
+use common::files::one_sector_file;
 
 #[test]
 fn a_local_one_member_cluster_writes_through_raft_and_reopens() {

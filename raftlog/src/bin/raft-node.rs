@@ -148,36 +148,7 @@ fn new_file(
             .map(|(i, leaf)| (i as u64, leaf))
             .collect::<Vec<_>>(),
     )?;
-    let writecap = writer
-        .writecap()
-        .cloned()
-        .ok_or_else(|| anyhow!("the writer store holds no writecap"))?;
-    let body = MetaBody {
-        ids: FileIds {
-            generation: service.generation(),
-            inode,
-        },
-        sector_size: sector_len as u32,
-        hash_algorithm: HashAlgorithm::Sha256,
-        merkle_root: tree.root(),
-        sector_count: sectors,
-        writer: writer.signing_public_key(),
-        writecap,
-        readcaps: ReadcapTable::default(),
-        parents: ParentTable::default(),
-        salt: [0; blocktree_core::readcap::SALT_LEN],
-        keys: None,
-        secrets: SecretsPart::Clear(MetaSecrets::default()),
-    };
-    let meta = FileMeta::sign(body, &RuntimeSigner(writer))?;
-    service.write(SectorBatch {
-        files: vec![FileWrite {
-            meta,
-            data,
-            holes: Vec::new(),
-        }],
-        removes: Vec::new(),
-    })?;
+    sign_and_write(service, writer, inode, &tree, sector_len, data)?;
     Ok(inode)
 }
 

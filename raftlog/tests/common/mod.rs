@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod files;
+
 #[path = "../../../netstack/tests/common/domain.rs"]
 mod domain;
 pub use domain::Domain;
