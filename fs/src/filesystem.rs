@@ -30,7 +30,7 @@ use blocktree_raftlog::store::ALL_FILES_CHANGED;
 use blocktree_raftlog::{SectorBatch, SectorService};
 use crossbeam_channel::Receiver;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -122,6 +122,9 @@ pub struct FileSystem {
     foreign: Option<crossbeam_channel::Receiver<u64>>,
     /// Announced inodes not reloaded yet (their node was locked).
     foreign_pending: Mutex<BTreeSet<u64>>,
+    /// `foreign_pending` is not empty: lets the common case (nothing
+    /// announced, nothing waiting) skip its lock on every operation.
+    foreign_waiting: AtomicBool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -180,6 +183,7 @@ impl FileSystem {
             pending: Mutex::new(Pending::default()),
             foreign: ctx_foreign,
             foreign_pending: Mutex::new(BTreeSet::new()),
+            foreign_waiting: AtomicBool::new(false),
         };
         if fs.ctx.service.read_meta(Self::ROOT)?.is_none() {
             if fs.config.read_only {
@@ -1500,9 +1504,17 @@ impl FileSystem {
         let Some(announced) = &self.foreign else {
             return;
         };
+        if announced.is_empty() && !self.foreign_waiting.load(Ordering::SeqCst) {
+            return;
+        }
         let mut pending = lock(&self.foreign_pending);
+        // Raised before draining and lowered only once the reloads are done,
+        // so a caller that finds the channel empty meanwhile waits for them
+        // (on the lock) instead of using a node about to be reloaded.
+        self.foreign_waiting.store(true, Ordering::SeqCst);
         pending.extend(announced.try_iter());
         if pending.is_empty() {
+            self.foreign_waiting.store(false, Ordering::SeqCst);
             return;
         }
         let targets: Vec<(u64, NodeRef)> = {
@@ -1537,6 +1549,8 @@ impl FileSystem {
                 lock(&self.nodes).remove(&ino);
             }
         }
+        self.foreign_waiting
+            .store(!pending.is_empty(), Ordering::SeqCst);
     }
 
     fn handle(&self, fh: u64) -> FsResult<(NodeRef, bool, bool)> {

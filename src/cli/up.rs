@@ -315,13 +315,14 @@ fn serve(args: UpArgs, membership: Membership) -> Result<()> {
     // A member whose writecap does not cover the cluster's directory (a
     // joined server granted a path inside it) stores and serves, but cannot
     // sign writes: its exports are read-only, and the report says why.
-    let read_only = args.read_only || fs.write_refusal().is_some();
-    if let (false, Some(why)) = (args.read_only, fs.write_refusal()) {
+    let refusal = (!args.read_only).then(|| fs.write_refusal()).flatten();
+    if let Some(why) = &refusal {
         report.field(
             "writes",
             format!("refused, volumes served read-only: {why}"),
         );
     }
+    let read_only = args.read_only || refusal.is_some();
     let volumes = Arc::new(Volumes::new(fs.clone(), read_only));
     if !read_only {
         let (_, first_start) = volumes.ensure_dir()?;
