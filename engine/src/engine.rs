@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
 use blocktree_core::sector::SectorId;
+use bytes::Bytes;
 
 use crate::error::EngineError;
 use crate::key::{KeyDeriver, shard_of};
@@ -79,7 +80,7 @@ impl EngineConfig {
 /// Sectors to write (or delete) atomically.
 #[derive(Clone, Debug, Default)]
 pub struct WriteBatch {
-    pub(crate) ops: Vec<(SectorId, Option<Vec<u8>>)>,
+    pub(crate) ops: Vec<(SectorId, Option<Bytes>)>,
 }
 
 impl WriteBatch {
@@ -88,9 +89,10 @@ impl WriteBatch {
         WriteBatch::default()
     }
 
-    /// Stores `data` as the contents of `id`.
-    pub fn put(&mut self, id: SectorId, data: Vec<u8>) -> &mut Self {
-        self.ops.push((id, Some(data)));
+    /// Stores `data` as the contents of `id`. A `Vec` or `Bytes` is taken
+    /// without copying: the shard copies it once, into its chunk buffer.
+    pub fn put(&mut self, id: SectorId, data: impl Into<Bytes>) -> &mut Self {
+        self.ops.push((id, Some(data.into())));
         self
     }
 
@@ -331,7 +333,7 @@ impl Engine {
         if let Some(len) = batch
             .ops
             .iter()
-            .filter_map(|(_, data)| data.as_ref().map(Vec::len))
+            .filter_map(|(_, data)| data.as_ref().map(Bytes::len))
             .find(|len| *len > MAX_PAYLOAD)
         {
             return Pending::ready(Err(EngineError::TooLarge {
@@ -340,7 +342,7 @@ impl Engine {
             }));
         }
         let shards = self.inner.shards.len();
-        let mut parts: Vec<Vec<(Key, Option<Vec<u8>>)>> = vec![Vec::new(); shards];
+        let mut parts: Vec<Vec<(Key, Option<Bytes>)>> = vec![Vec::new(); shards];
         for (id, data) in batch.ops {
             let (key, shard) = self.route(&id);
             parts[shard].push((key, data));
@@ -353,7 +355,7 @@ impl Engine {
         let bytes: u64 = parts
             .iter()
             .flatten()
-            .map(|(_, data)| data.as_ref().map_or(0, Vec::len) as u64 + 64)
+            .map(|(_, data)| data.as_ref().map_or(0, Bytes::len) as u64 + 64)
             .sum();
         let gate = match self.inner.gate.read() {
             Ok(guard) => guard,

@@ -180,7 +180,7 @@ impl Shard {
             let part = BatchPart {
                 batch: 0,
                 shards: 1 << self.shard_id,
-                records: vec![(key, Some(payload))],
+                records: vec![(key, Some(payload.into()))],
                 durable: false,
                 tracker: None,
                 done: Box::new(|_| {}),

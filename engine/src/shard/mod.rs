@@ -11,6 +11,7 @@
 //! ([`BatchTracker`]). A write is reported durable only after an `fdatasync`
 //! that started after its chunk was written.
 
+use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -93,7 +94,7 @@ pub(crate) enum Request {
 pub(crate) struct BatchPart {
     pub batch: u64,
     pub shards: u32,
-    pub records: Vec<(Key, Option<Vec<u8>>)>,
+    pub records: Vec<(Key, Option<Bytes>)>,
     pub durable: bool,
     pub tracker: Option<Arc<BatchTracker>>,
     pub done: Done,
@@ -555,7 +556,7 @@ impl Shard {
             let bytes: usize = part
                 .records
                 .iter()
-                .map(|(_, data)| data.as_ref().map_or(0, Vec::len))
+                .map(|(_, data)| data.as_ref().map_or(0, Bytes::len))
                 .sum();
             self.compaction.credit_user_write(bytes);
             if let Err(part) = self.add_part(part) {
@@ -655,7 +656,7 @@ impl Shard {
         for (record_index, (key, data)) in records.into_iter().enumerate() {
             *self.pending_keys.entry(key).or_default() += 1;
             let (kind, payload) = match &data {
-                Some(data) => (RecordKind::Put, data.as_slice()),
+                Some(data) => (RecordKind::Put, &data[..]),
                 None => (RecordKind::Delete, &[][..]),
             };
             let header = RecordHeader {
@@ -718,7 +719,7 @@ impl Shard {
         let largest = part
             .records
             .iter()
-            .map(|(_, data)| data.as_ref().map_or(0, Vec::len))
+            .map(|(_, data)| data.as_ref().map_or(0, Bytes::len))
             .max()
             .unwrap_or(0);
         if self.free_chunks.is_empty() {
