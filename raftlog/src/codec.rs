@@ -56,10 +56,21 @@ pub enum CodecError {
 
 /// Encodes `value` as an object of `kind`.
 pub fn encode<T: Serialize>(kind: RaftKind, value: &T) -> Vec<u8> {
-    let out = vec![RAFT_FORMAT_VERSION, kind as u8];
+    encode_after(Vec::new(), kind, value)
+}
+
+/// [`encode`], appended to `prefix` (so a caller that frames the encoding
+/// does not copy it).
+pub fn encode_after<T: Serialize>(mut prefix: Vec<u8>, kind: RaftKind, value: &T) -> Vec<u8> {
+    let start = prefix.len();
+    prefix.extend_from_slice(&[RAFT_FORMAT_VERSION, kind as u8]);
     // Serializing plain data into a Vec cannot fail (no I/O, no size limit);
     // should it ever, the empty body fails to decode instead of panicking here.
-    postcard::to_extend(value, out).unwrap_or_else(|_| vec![RAFT_FORMAT_VERSION, kind as u8])
+    postcard::to_extend(value, prefix).unwrap_or_else(|_| {
+        let mut out = vec![0; start];
+        out.extend_from_slice(&[RAFT_FORMAT_VERSION, kind as u8]);
+        out
+    })
 }
 
 /// Decodes an object of `kind`; trailing bytes are an error.

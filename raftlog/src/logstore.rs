@@ -48,8 +48,9 @@ pub const PART_BYTES: usize = 1 << 20;
 /// rounds behind; a server's memory budget (256 MiB under NBD load) has no
 /// room for more, and a lagging follower reads the rest from the disk.
 const CACHE_BYTES: usize = 16 << 20;
-/// Part-0 reads in flight while opening the log.
-const SCAN_BATCH: u64 = 256;
+/// Part-0 reads in flight while opening the log: each is up to a part
+/// ([`PART_BYTES`]), so this bounds what opening holds in memory (16 MiB).
+const SCAN_BATCH: u64 = 16;
 
 fn io_error(verb: ErrorVerb, subject: ErrorSubject<u64>, error: impl ToString) -> StorageError {
     StorageIOError::new(subject, verb, openraft::AnyError::error(error.to_string())).into()
@@ -65,29 +66,40 @@ fn write_logs_error(error: impl ToString) -> StorageError {
 
 /// An entry's records: part 0 carries the part count before its bytes.
 pub fn split_entry(encoded: &[u8]) -> Result<Vec<Vec<u8>>, String> {
-    let chunks: Vec<&[u8]> = if encoded.is_empty() {
-        vec![&[][..]]
-    } else {
-        encoded.chunks(PART_BYTES).collect()
-    };
-    let count = u16::try_from(chunks.len())
+    let mut framed = Vec::with_capacity(COUNT_BYTES + encoded.len());
+    framed.extend_from_slice(&[0; COUNT_BYTES]);
+    framed.extend_from_slice(encoded);
+    split_framed(framed)
+}
+
+/// Bytes of the part count before part 0's share of the encoding.
+const COUNT_BYTES: usize = 2;
+
+/// Encodes `entry` as its records, copying each byte at most once (the
+/// largest entries are whole write batches, up to 16 MiB).
+fn encode_entry(entry: &Entry) -> Result<(Vec<Vec<u8>>, u64), String> {
+    let framed = codec::encode_after(vec![0; COUNT_BYTES], RaftKind::LogEntry, entry);
+    let bytes = (framed.len() - COUNT_BYTES) as u64;
+    Ok((split_framed(framed)?, bytes))
+}
+
+/// Splits an encoding that follows [`COUNT_BYTES`] of room into records:
+/// the parts after the first are cut off the end, so part 0 stays where it is.
+fn split_framed(mut framed: Vec<u8>) -> Result<Vec<Vec<u8>>, String> {
+    let encoded_len = framed.len() - COUNT_BYTES;
+    let count = encoded_len.div_ceil(PART_BYTES).max(1);
+    let count = u16::try_from(count)
         .ok()
         .filter(|count| u64::from(*count) <= MAX_PARTS)
-        .ok_or_else(|| format!("an entry of {} bytes is too large", encoded.len()))?;
-    Ok(chunks
-        .into_iter()
-        .enumerate()
-        .map(|(part, chunk)| {
-            if part == 0 {
-                let mut first = Vec::with_capacity(2 + chunk.len());
-                first.extend_from_slice(&count.to_le_bytes());
-                first.extend_from_slice(chunk);
-                first
-            } else {
-                chunk.to_vec()
-            }
-        })
-        .collect())
+        .ok_or_else(|| format!("an entry of {encoded_len} bytes is too large"))?;
+    framed[..COUNT_BYTES].copy_from_slice(&count.to_le_bytes());
+    let mut parts = Vec::with_capacity(usize::from(count));
+    for part in (1..usize::from(count)).rev() {
+        parts.push(framed.split_off(COUNT_BYTES + part * PART_BYTES));
+    }
+    parts.push(framed);
+    parts.reverse();
+    Ok(parts)
 }
 
 /// The part count of an entry and the bytes of its part 0 after the count.
@@ -107,13 +119,27 @@ pub fn decode_entry(bytes: &[u8]) -> Result<Entry, String> {
     codec::decode(RaftKind::LogEntry, bytes).map_err(|error| error.to_string())
 }
 
+/// What the log knows of an entry it holds without reading it.
+#[derive(Clone, Copy, Debug)]
+struct Held {
+    /// Engine records the entry spans.
+    parts: u16,
+    /// Bytes of its encoding (for entries found when opening, an upper bound
+    /// within a part).
+    bytes: u64,
+}
+
 struct LogMemory {
     last_purged: Option<LogId>,
     last: Option<LogId>,
-    /// Part counts of the entries after `last_purged`, in index order.
-    parts: VecDeque<u16>,
-    /// Entries readable from memory: every entry not yet durable, and recent
-    /// durable ones within [`CACHE_BYTES`].
+    /// The entries after `last_purged`, in index order.
+    held: VecDeque<Held>,
+    /// Bytes of all entries in `held`.
+    held_bytes: u64,
+    /// Entries readable from memory: every entry not yet durable or not yet
+    /// applied (the state machine is about to read it: evicting it would
+    /// cost a read and a decode of up to 16 MiB), and recent applied ones
+    /// within [`CACHE_BYTES`].
     cache: BTreeMap<u64, (Entry, usize)>,
     cache_bytes: usize,
     /// Entries up to this index are durable in the engine.
@@ -127,15 +153,44 @@ impl LogMemory {
 
     fn parts_of(&self, index: u64) -> Option<u16> {
         let offset = index.checked_sub(self.first_index())?;
-        self.parts.get(usize::try_from(offset).ok()?).copied()
+        self.held
+            .get(usize::try_from(offset).ok()?)
+            .map(|held| held.parts)
     }
 
-    fn evict(&mut self) {
+    /// One past the last entry held.
+    fn end_index(&self) -> u64 {
+        self.first_index() + self.held.len() as u64
+    }
+
+    /// Forgets the entries from `index` on (truncation).
+    fn drop_from(&mut self, index: u64) {
+        let keep = usize::try_from(index.saturating_sub(self.first_index())).unwrap_or(usize::MAX);
+        while self.held.len() > keep {
+            if let Some(held) = self.held.pop_back() {
+                self.held_bytes -= held.bytes;
+            }
+        }
+    }
+
+    /// Forgets the entries before `index` (purge).
+    fn drop_before(&mut self, index: u64) {
+        let count = usize::try_from(index.saturating_sub(self.first_index())).unwrap_or(usize::MAX);
+        for _ in 0..count.min(self.held.len()) {
+            if let Some(held) = self.held.pop_front() {
+                self.held_bytes -= held.bytes;
+            }
+        }
+    }
+
+    fn evict(&mut self, applied: Option<u64>) {
         while self.cache_bytes > CACHE_BYTES {
             let Some((&index, _)) = self.cache.iter().next() else {
                 break;
             };
-            if self.durable_upto.is_none_or(|durable| index > durable) {
+            if self.durable_upto.is_none_or(|durable| index > durable)
+                || applied.is_none_or(|applied| index > applied)
+            {
                 break;
             }
             if let Some((_, bytes)) = self.cache.remove(&index) {
@@ -152,6 +207,9 @@ struct LogInner {
     /// purged entries did can be lost with them.
     machine: Arc<MachineShared>,
     memory: Mutex<LogMemory>,
+    /// Bytes of the entries held, announced after each change (see
+    /// [`EngineLogStore::held_bytes`]).
+    held_bytes: tokio::sync::watch::Sender<u64>,
 }
 
 /// The Raft log store (and its reader: a clone).
@@ -175,11 +233,13 @@ impl EngineLogStore {
                 memory: Mutex::new(LogMemory {
                     last_purged: None,
                     last: None,
-                    parts: VecDeque::new(),
+                    held: VecDeque::new(),
+                    held_bytes: 0,
                     cache: BTreeMap::new(),
                     cache_bytes: 0,
                     durable_upto: None,
                 }),
+                held_bytes: tokio::sync::watch::channel(0).0,
             }),
         };
         let last_purged: Option<LogId> = store
@@ -187,7 +247,7 @@ impl EngineLogStore {
             .await
             .map_err(read_logs_error)?;
         let first = last_purged.map_or(0, |id| id.index + 1);
-        let mut parts = VecDeque::new();
+        let mut held = VecDeque::new();
         let mut next = first;
         'scan: loop {
             let reads: Vec<_> = (next..next + SCAN_BATCH)
@@ -196,8 +256,11 @@ impl EngineLogStore {
             for read in reads {
                 match read.await.map_err(read_logs_error)? {
                     Some(bytes) => {
-                        let (count, _) = parse_first_part(&bytes).map_err(read_logs_error)?;
-                        parts.push_back(count);
+                        let (count, rest) = parse_first_part(&bytes).map_err(read_logs_error)?;
+                        held.push_back(Held {
+                            parts: count,
+                            bytes: (u64::from(count) - 1) * PART_BYTES as u64 + rest.len() as u64,
+                        });
                         next += 1;
                     }
                     None => break 'scan,
@@ -205,7 +268,8 @@ impl EngineLogStore {
             }
         }
         let last = if next > first {
-            let entry = store.read_entry(next - 1, parts.back().copied()).await?;
+            let parts = held.back().map(|held: &Held| held.parts);
+            let entry = store.read_entry(next - 1, parts).await?;
             Some(entry.log_id)
         } else {
             last_purged
@@ -214,14 +278,46 @@ impl EngineLogStore {
             let mut memory = store.lock();
             memory.last_purged = last_purged;
             memory.last = last;
-            memory.parts = parts;
+            memory.held_bytes = held.iter().map(|held| held.bytes).sum();
+            memory.held = held;
             memory.durable_upto = next.checked_sub(1);
         }
+        store.announce_held();
         Ok(store)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, LogMemory> {
         crate::store::lock(&self.inner.memory)
+    }
+
+    /// The bytes of the entries the log holds (not yet purged), updated as
+    /// entries are appended, truncated and purged: what decides when the
+    /// member snapshots and purges beyond openraft's count-based policy.
+    pub(crate) fn held_bytes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.held_bytes.subscribe()
+    }
+
+    /// The highest index whose purge leaves at least `keep` bytes of
+    /// entries after it, if any.
+    pub(crate) fn purge_index_keeping(&self, keep: u64) -> Option<u64> {
+        let memory = self.lock();
+        let mut kept = 0;
+        let mut index = memory.end_index();
+        for held in memory.held.iter().rev() {
+            if kept >= keep {
+                break;
+            }
+            kept += held.bytes;
+            index -= 1;
+        }
+        index
+            .checked_sub(1)
+            .filter(|index| *index >= memory.first_index())
+    }
+
+    fn announce_held(&self) {
+        let bytes = self.lock().held_bytes;
+        self.inner.held_bytes.send_replace(bytes);
     }
 
     fn part_id(&self, index: u64, part: u64) -> SectorId {
@@ -442,14 +538,13 @@ impl RaftLogStorage<SectorRaft> for EngineLogStore {
         let mut batch = WriteBatch::new();
         let mut appended = Vec::new();
         for entry in entries {
-            let encoded = codec::encode(RaftKind::LogEntry, &entry);
-            let parts = split_entry(&encoded).map_err(write_logs_error)?;
+            let (parts, bytes) = encode_entry(&entry).map_err(write_logs_error)?;
             let index = entry.log_id.index;
             let count = parts.len() as u16;
-            for (part, bytes) in parts.into_iter().enumerate() {
-                batch.put(self.part_id(index, part as u64), bytes);
+            for (part, record) in parts.into_iter().enumerate() {
+                batch.put(self.part_id(index, part as u64), record);
             }
-            appended.push((entry, count, encoded.len()));
+            appended.push((entry, count, bytes));
         }
         let Some(last_index) = appended.last().map(|(entry, _, _)| entry.log_id.index) else {
             callback.log_io_completed(Ok(()));
@@ -459,20 +554,26 @@ impl RaftLogStorage<SectorRaft> for EngineLogStore {
             let mut memory = self.lock();
             for (entry, count, bytes) in appended {
                 let index = entry.log_id.index;
-                let expected = memory.first_index() + memory.parts.len() as u64;
+                let expected = memory.end_index();
                 if index != expected {
                     return Err(write_logs_error(format!(
                         "entry {index} would leave a hole after {expected}"
                     )));
                 }
-                memory.parts.push_back(count);
+                memory.held.push_back(Held {
+                    parts: count,
+                    bytes,
+                });
+                memory.held_bytes += bytes;
                 memory.last = Some(entry.log_id);
+                let bytes = bytes as usize;
                 memory.cache_bytes += bytes;
                 if let Some((_, old)) = memory.cache.insert(index, (entry, bytes)) {
                     memory.cache_bytes -= old;
                 }
             }
         }
+        self.announce_held();
         let pending = self.inner.engine.write_durable(batch);
         let store = self.clone();
         tokio::spawn(async move {
@@ -484,7 +585,7 @@ impl RaftLogStorage<SectorRaft> for EngineLogStore {
                         .durable_upto
                         .map_or(last_index, |durable| durable.max(last_index)),
                 );
-                memory.evict();
+                memory.evict(store.inner.machine.applied_index());
             }
             callback.log_io_completed(result.map_err(std::io::Error::other));
         });
@@ -496,11 +597,10 @@ impl RaftLogStorage<SectorRaft> for EngineLogStore {
         {
             let mut memory = self.lock();
             let first = memory.first_index();
-            let end = first + memory.parts.len() as u64;
+            let end = memory.end_index();
             let from = log_id.index.max(first);
             self.delete_entries(&memory, from..end, &mut batch);
-            let keep = usize::try_from(from - first).unwrap_or(usize::MAX);
-            memory.parts.truncate(keep);
+            memory.drop_from(from);
             let removed: Vec<u64> = memory
                 .cache
                 .range(from..)
@@ -534,6 +634,7 @@ impl RaftLogStorage<SectorRaft> for EngineLogStore {
             };
             self.lock().last = Some(id);
         }
+        self.announce_held();
         self.inner
             .engine
             .write_durable(batch)
@@ -556,12 +657,10 @@ impl RaftLogStorage<SectorRaft> for EngineLogStore {
         {
             let mut memory = self.lock();
             let first = memory.first_index();
-            let end = first + memory.parts.len() as u64;
+            let end = memory.end_index();
             let upto = (log_id.index + 1).min(end).max(first);
             self.delete_entries(&memory, first..upto, &mut batch);
-            let drop_count = usize::try_from(upto - first).unwrap_or(usize::MAX);
-            let drop_count = drop_count.min(memory.parts.len());
-            memory.parts.drain(..drop_count);
+            memory.drop_before(upto);
             let removed: Vec<u64> = memory
                 .cache
                 .range(..=log_id.index)
@@ -577,6 +676,7 @@ impl RaftLogStorage<SectorRaft> for EngineLogStore {
                 memory.last = Some(log_id);
             }
         }
+        self.announce_held();
         batch.put(
             self.state_id(PURGED_SECTOR),
             codec::encode(RaftKind::LogId, &log_id),

@@ -67,6 +67,9 @@ const LOG_DIR: &str = "raft-log";
 const QUIET_START: Duration = Duration::from_secs(3);
 /// How long a new leader's writes wait for its first entry to apply.
 const LEADER_READY_WAIT: Duration = Duration::from_secs(5);
+/// How long a member waits for a snapshot or purge it asked for before it
+/// looks again (a snapshot being sent holds purges back).
+const LOG_BOUND_RETRY: Duration = Duration::from_secs(1);
 
 /// What [`RaftService::scrub`] found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -110,6 +113,12 @@ pub struct RaftConfig {
     pub heartbeat: Duration,
     /// Entries between snapshots (after which the log before them is purged).
     pub snapshot_every: u64,
+    /// Bytes of log entries past which the member snapshots and purges
+    /// whatever their count, keeping the newest quarter for followers a
+    /// little behind. An entry is a whole write batch (up to 16 MiB), so
+    /// the count alone would let the log grow to tens of GiB, and opening a
+    /// member reads the part-0 record of every entry it holds.
+    pub log_bytes: u64,
     /// How long a write waits to be committed and applied before it fails
     /// with [`ServiceError::Replication`] (outcome unknown): a leader cut off
     /// from its majority cannot commit.
@@ -128,6 +137,7 @@ impl RaftConfig {
             engine: Arc::new(EngineConfig::new),
             heartbeat: Duration::from_millis(50),
             snapshot_every: 4096,
+            log_bytes: 128 << 20,
             write_timeout: Duration::from_secs(30),
         }
     }
@@ -164,6 +174,8 @@ impl RaftConfig {
 pub struct RaftService {
     member: Arc<Member>,
     log_engine: Engine,
+    /// Bytes of the entries the log holds.
+    log_held: tokio::sync::watch::Receiver<u64>,
     tokio: Option<tokio::runtime::Runtime>,
 }
 
@@ -443,9 +455,12 @@ impl RaftService {
             let state_machine = SectorStateMachine {
                 shared: machine.clone(),
             };
+            let bounded_log = log_store.clone();
+            let log_held = log_store.held_bytes();
             let raft = Raft::new(node, raft_config, factory, log_store, state_machine)
                 .await
                 .map_err(raft_failure)?;
+            tokio::spawn(bound_log(raft.clone(), bounded_log, config.log_bytes));
             if let Some(network) = &network {
                 let _ = network.raft.set(raft.clone());
                 for (id, member) in raft.metrics().borrow().membership_config.nodes() {
@@ -496,9 +511,9 @@ impl RaftService {
                 Some(recorded) if network.is_some() && recorded != member => Some(member.clone()),
                 _ => None,
             };
-            Ok::<_, ServiceError>((machine, network, raft, member, update_address))
+            Ok::<_, ServiceError>((machine, network, raft, member, update_address, log_held))
         })?;
-        let (machine, network, raft, member, update_address) = started;
+        let (machine, network, raft, member, update_address, log_held) = started;
         if network.is_some() {
             write_file_durably(
                 &config.dir.join(MEMBER_FILE),
@@ -534,6 +549,7 @@ impl RaftService {
         let service = RaftService {
             member,
             log_engine,
+            log_held,
             tokio: Some(tokio),
         };
         if let Some(update) = update_address {
@@ -597,6 +613,12 @@ impl RaftService {
     /// This member's view of the cluster: members, leader, term, commit index.
     pub fn status(&self) -> ClusterStatus {
         self.member.status()
+    }
+
+    /// Bytes of the log entries this member holds (not yet purged); kept
+    /// near [`RaftConfig::log_bytes`] at most.
+    pub fn log_bytes(&self) -> u64 {
+        *self.log_held.borrow()
     }
 
     /// Waits until some member is leader and this member has applied its
@@ -2051,6 +2073,56 @@ impl SectorService for RaftService {
 
     fn watch_foreign_changes(&self) -> Option<Receiver<u64>> {
         self.member.store.watch_foreign_changes()
+    }
+}
+
+/// Keeps the log within `high` bytes ([`RaftConfig::log_bytes`]): past it,
+/// asks openraft for a snapshot (a flush of the state machine's engine: the
+/// engine *is* the snapshot) and then to purge all but the newest quarter.
+/// Ends with the runtime.
+async fn bound_log(raft: Raft, log: EngineLogStore, high: u64) {
+    let keep = high / 4;
+    let mut held = log.held_bytes();
+    loop {
+        if held.changed().await.is_err() {
+            return;
+        }
+        if *held.borrow_and_update() <= high {
+            continue;
+        }
+        let Some(upto) = log.purge_index_keeping(keep) else {
+            continue;
+        };
+        let covered = |metrics: &openraft::RaftMetrics<u64, MemberNode>| {
+            metrics.snapshot.is_some_and(|id| id.index >= upto)
+        };
+        if !covered(&raft.metrics().borrow()) {
+            if raft.trigger().snapshot().await.is_err() {
+                return;
+            }
+            let mut metrics = raft.metrics();
+            let _ = tokio::time::timeout(LOG_BOUND_RETRY, async {
+                while !covered(&metrics.borrow_and_update()) {
+                    if metrics.changed().await.is_err() {
+                        break;
+                    }
+                }
+            })
+            .await;
+        }
+        if raft.trigger().purge_log(upto).await.is_err() {
+            return;
+        }
+        // Purges are not immediate (openraft waits for replication to pass
+        // them): wait for this one before asking again.
+        let _ = tokio::time::timeout(LOG_BOUND_RETRY, async {
+            while *held.borrow_and_update() > high {
+                if held.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
     }
 }
 

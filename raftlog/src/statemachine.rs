@@ -153,6 +153,11 @@ impl MachineShared {
         lock(&self.applied).clone()
     }
 
+    /// The index of the last entry applied.
+    pub(crate) fn applied_index(&self) -> Option<u64> {
+        lock(&self.applied).last_applied.map(|id| id.index)
+    }
+
     fn applied_id(&self) -> SectorId {
         SectorId {
             generation: self.store.info.generation,

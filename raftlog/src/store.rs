@@ -21,9 +21,9 @@ use blocktree_core::sector::{SectorId, SectorKind};
 use blocktree_core::time::Timestamp;
 use blocktree_core::writecap::RevocationList;
 use blocktree_engine::{Engine, EngineError, Pending, WriteBatch};
+use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use serde::{Deserialize, Serialize};
-use serde_bytes::ByteBuf;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -92,8 +92,10 @@ pub struct SectorOp {
     pub inode: u64,
     /// The sector of the file.
     pub sector: SectorKind,
-    /// The new contents, or `None` to delete the sector.
-    pub data: Option<ByteBuf>,
+    /// The new contents, or `None` to delete the sector. Shared, not copied,
+    /// by the log's cache, the entry the state machine applies and the
+    /// engine batch (the same encoding as a byte string).
+    pub data: Option<Bytes>,
 }
 
 /// A verified batch as the sector puts and deletes that apply it, and the
@@ -116,13 +118,13 @@ impl StagedBatch {
                 sector: op.sector,
             };
             match &op.data {
-                Some(data) => batch.put(id, data.to_vec()),
+                Some(data) => batch.put(id, data.clone()),
                 None => batch.delete(id),
             };
         }
     }
 
-    /// [`Self::to_engine_batch`], moving the records instead of copying them.
+    /// [`Self::to_engine_batch`], consuming the batch.
     pub fn into_engine_batch(self, generation: u64, batch: &mut WriteBatch) {
         for op in self.ops {
             let id = SectorId {
@@ -131,7 +133,7 @@ impl StagedBatch {
                 sector: op.sector,
             };
             match op.data {
-                Some(data) => batch.put(id, data.into_vec()),
+                Some(data) => batch.put(id, data),
                 None => batch.delete(id),
             };
         }
@@ -141,7 +143,7 @@ impl StagedBatch {
         self.ops.push(SectorOp {
             inode,
             sector,
-            data: Some(ByteBuf::from(data)),
+            data: Some(Bytes::from(data)),
         });
     }
 
