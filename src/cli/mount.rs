@@ -116,6 +116,9 @@ pub fn run(args: MountArgs) -> Result<()> {
              with --data"
         );
     }
+    // The same allocator tuning as `up`: the daemon's write batches are the
+    // same large blocks on the same Raft path.
+    blocktree_nbd::tune_malloc();
     blocktree_fuse::log_to_stderr(args.log);
     let options = MountOptions::parse(&args.options)?;
     if !args.mountpoint.is_dir() {

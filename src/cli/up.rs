@@ -261,7 +261,7 @@ pub fn join(args: JoinArgs) -> Result<()> {
 }
 
 fn serve(args: UpArgs, membership: Membership) -> Result<()> {
-    blocktree_nbd::limit_malloc_arenas();
+    blocktree_nbd::tune_malloc();
     blocktree_nbd::log_to_stderr(args.log);
     let tcp = resolve("--nbd", &args.nbd)?;
     let tls_config = tls_config(&args)?;
