@@ -258,6 +258,58 @@ struct ScanState {
     log_id: u64,
 }
 
+/// Bytes of a segment read at a time while scanning it: a segment is up to
+/// 256 MiB, and reading it whole made opening a store hold that much.
+const SCAN_WINDOW: usize = 8 << 20;
+
+/// A segment file read through a window of [`SCAN_WINDOW`] bytes (or one
+/// chunk, if larger), moved forward as the scan goes.
+struct SegmentWindow<'a> {
+    path: &'a Path,
+    file: fs::File,
+    file_len: usize,
+    start: usize,
+    buffer: Vec<u8>,
+}
+
+impl<'a> SegmentWindow<'a> {
+    fn open(path: &'a Path) -> Result<SegmentWindow<'a>, EngineError> {
+        let file = fs::File::open(path).map_err(EngineError::io("opening segment", path))?;
+        let file_len = file
+            .metadata()
+            .map_err(EngineError::io("reading segment", path))?
+            .len();
+        Ok(SegmentWindow {
+            path,
+            file,
+            file_len: usize::try_from(file_len).unwrap_or(usize::MAX),
+            start: 0,
+            buffer: Vec::new(),
+        })
+    }
+
+    /// The `len` bytes at `position` (fewer at the end of the file).
+    fn bytes(&mut self, position: usize, len: usize) -> Result<&[u8], EngineError> {
+        let len = len.min(self.file_len.saturating_sub(position));
+        let held = position >= self.start && position + len <= self.start + self.buffer.len();
+        if !held {
+            let read_len = len
+                .max(SCAN_WINDOW)
+                .min(self.file_len.saturating_sub(position));
+            self.buffer.resize(read_len, 0);
+            std::os::unix::fs::FileExt::read_exact_at(
+                &self.file,
+                &mut self.buffer,
+                position as u64,
+            )
+            .map_err(EngineError::io("reading segment", self.path))?;
+            self.start = position;
+        }
+        let offset = position - self.start;
+        Ok(&self.buffer[offset..offset + len])
+    }
+}
+
 /// Scans one segment into `scan`; returns where its last valid chunk ends.
 fn scan_segment(
     path: &Path,
@@ -265,12 +317,13 @@ fn scan_segment(
     start: u64,
     scan: &mut ScanState,
 ) -> Result<u64, EngineError> {
-    let bytes = fs::read(path).map_err(EngineError::io("reading segment", path))?;
+    let mut window = SegmentWindow::open(path)?;
+    let file_len = window.file_len;
     let mut position = start as usize;
     let mut written_end = 0usize;
     let first_new = scan.records.len();
-    while position + record::CHUNK_HEADER_LEN <= bytes.len() {
-        let header = match ChunkHeader::parse(&bytes[position..]) {
+    while position + record::CHUNK_HEADER_LEN <= file_len {
+        let header = match ChunkHeader::parse(window.bytes(position, record::CHUNK_HEADER_LEN)?) {
             Ok(header) if header.sequence > scan.last_sequence && header.log_id == scan.log_id => {
                 header
             }
@@ -285,8 +338,8 @@ fn scan_segment(
                 continue;
             }
         };
-        let end = (position + header.disk_len()).min(bytes.len());
-        if let Ok((_, entries)) = record::parse_chunk(&bytes[position..end]) {
+        let end = (position + header.disk_len()).min(file_len);
+        if let Ok((_, entries)) = record::parse_chunk(window.bytes(position, end - position)?) {
             for (offset, entry) in entries {
                 // A record whose header fails names no key: nothing to index.
                 let Ok(parsed) = entry else { continue };
@@ -320,4 +373,46 @@ fn scan_segment(
     kept.retain(|record| record.intact || record.sequence <= synced);
     scan.records.extend(kept);
     Ok(written_end as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Spans inside, across and past the window's edges read what the file
+    /// holds, as a whole read of the file would.
+    #[test]
+    fn the_scan_window_reads_what_the_file_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("segment");
+        let len = 2 * SCAN_WINDOW + 12_345;
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let contents: Vec<u8> = (0..len)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        fs::write(&path, &contents).unwrap();
+        let mut window = SegmentWindow::open(&path).unwrap();
+        assert_eq!(window.file_len, len);
+        let spans = [
+            (0, 4096),
+            (4096, 100),
+            (SCAN_WINDOW - 10, 4096),
+            (SCAN_WINDOW + 5, SCAN_WINDOW + 1000),
+            (10, 64),
+            (len - 100, 4096),
+            (len, 10),
+            (3 * SCAN_WINDOW, 10),
+        ];
+        for (position, want) in spans {
+            let got = window.bytes(position, want).unwrap().to_vec();
+            let end = (position + want).min(len);
+            let expected = contents.get(position..end).unwrap_or(&[]);
+            assert_eq!(got, expected, "{want} bytes at {position}");
+        }
+    }
 }
