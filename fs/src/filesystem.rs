@@ -51,6 +51,10 @@ pub struct FsConfig {
     /// Data sector size of new regular files and symlinks.
     pub sector_size: u32,
     /// Buffered bytes per file before a write commits a batch by itself.
+    /// Default 8 MiB: every batch is a Raft entry alive in several copies
+    /// (buffer, sealed records, log encoding) until applied; with 16 MiB a
+    /// 1 GiB NBD write run peaked at 290–317 MiB RSS and 134 MB/s, with 8 MiB
+    /// at 234 MiB and 160 MB/s.
     pub dirty_limit: usize,
     /// Cache lifetime written into new files' metadata.
     pub cache_seconds: u32,
@@ -64,7 +68,7 @@ impl Default for FsConfig {
             read_only: false,
             encrypt_root: true,
             sector_size: 4096,
-            dirty_limit: 16 << 20,
+            dirty_limit: 8 << 20,
             cache_seconds: 60,
             hash: HashAlgorithm::Sha256,
         }
