@@ -98,6 +98,11 @@ struct Pending {
 const PENDING_NODES: usize = 1024;
 /// New files up to this many buffered bytes wait for the staged commit on close.
 const SMALL_NEW_FILE: usize = 64 * 1024;
+/// Times a read that failed verification is planned again after catching up
+/// with changes other cluster members made, and the first pause before it
+/// (doubled, then tripled): about 60 ms in all before the read is EIO.
+const FOREIGN_READ_RETRIES: u32 = 3;
+const FOREIGN_READ_BACKOFF: Duration = Duration::from_millis(10);
 /// The longest a namespace change waits before it is committed.
 pub const PENDING_AGE: Duration = Duration::from_secs(1);
 
@@ -1596,17 +1601,33 @@ impl FileSystem {
         let (node_ref, _, _) = self.handle(fh)?;
         // The records are fetched and verified without the node's lock, so reads
         // of one file (NBD queues, FUSE readahead) proceed in parallel.
-        let plan = lock(&node_ref).plan_read(&self.ctx, offset, u64::from(size))?;
-        let fetched = match plan.sectors.fetch(&self.ctx) {
-            Err(FsError::Access(_)) if self.ancestors_created(&node_ref) => {
-                // The store cannot check the readcap chain through directories it
-                // has not seen yet: commit them, then read.
-                self.commit_pending()?;
-                plan.sectors.fetch(&self.ctx)?
+        let mut retries = 0;
+        loop {
+            let plan = lock(&node_ref).plan_read(&self.ctx, offset, u64::from(size))?;
+            let fetched = match plan.sectors.fetch(&self.ctx) {
+                Err(FsError::Access(_)) if self.ancestors_created(&node_ref) => {
+                    // The store cannot check the readcap chain through directories
+                    // it has not seen yet: commit them, then read.
+                    self.commit_pending()?;
+                    plan.sectors.fetch(&self.ctx)
+                }
+                other => other,
+            };
+            match fetched {
+                Ok(fetched) => return Ok(lock(&node_ref).finish_read(plan, fetched)),
+                // In a cluster, a linearizable read may return records another
+                // member wrote after this node's tree was planned against (the
+                // read waits for the leader's commit index; the announcement
+                // of the change lands just after): reload and plan again,
+                // briefly, before calling it tampering.
+                Err(FsError::Io(_)) if self.foreign.is_some() && retries < FOREIGN_READ_RETRIES => {
+                    retries += 1;
+                    std::thread::sleep(FOREIGN_READ_BACKOFF * retries);
+                    self.catch_up_foreign();
+                }
+                Err(error) => return Err(error),
             }
-            other => other?,
-        };
-        Ok(lock(&node_ref).finish_read(plan, fetched))
+        }
     }
 
     /// True if a directory on `node`'s readcap chain was created since the last
