@@ -3,7 +3,8 @@
 //! form one cluster; NBD clients write through the first and read through
 //! all; the leader is SIGKILLed and the others elect one of themselves; the
 //! killed one comes back as a follower whose writes are forwarded; a member
-//! leaves.
+//! leaves. Servers of directories below the root get their generation
+//! numbers from the root directory's cluster (`up --root-cluster`).
 
 mod nbd_support;
 
@@ -213,4 +214,104 @@ fn three_servers_replicate_fail_over_catch_up_and_one_leaves() {
     assert_eq!(read_through(&staying.address(), 8 << 20, last.len()), last);
     drop(staying);
     drop(a);
+}
+
+/// The generation number in `up`'s report (`generation: N (directory D)`).
+fn generation_of(up: &Up) -> (u64, String) {
+    let line = up.field("generation");
+    let (number, rest) = line
+        .split_once(" (directory ")
+        .unwrap_or_else(|| panic!("no generation in {line:?}"));
+    let number = number.parse().expect("a generation number");
+    (number, rest.trim_end_matches(')').to_owned())
+}
+
+#[test]
+fn directories_below_the_root_get_their_generation_numbers_from_the_root_cluster() {
+    let first = Data::new();
+    let a = first.up(&["--listen", "127.0.0.1:0"]);
+    let a_listen = listen_of(&a);
+    let root = a
+        .field("root principal")
+        .split(' ')
+        .next()
+        .expect("a principal")
+        .to_owned();
+    assert_eq!(generation_of(&a), (1, format!("/{root}")));
+
+    // A server of /<root>/b cannot number its new store itself.
+    let (second, third, fourth) = (Data::new(), Data::new(), Data::new());
+    grant(&first, &second, &root, "b");
+    let refused =
+        second.blocktree_output(&["up", "--data", &arg(&second.data()), "--nbd", "127.0.0.1:0"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains(&format!("/{root}/b")) && stderr.contains("--root-cluster"),
+        "{stderr}"
+    );
+    assert!(!second.data().join("sectors").join("generation").exists());
+
+    // Asked of the root's cluster, it gets the next number, and serves.
+    let b = second.up(&["--root-cluster", &a_listen, "--listen", "127.0.0.1:0"]);
+    assert_eq!(generation_of(&b), (2, format!("/{root}/b")));
+    assert_eq!(status(&second)["generation"], 2);
+    let written = pattern(7, 64 << 10);
+    write_through(&b.address(), 0, &written);
+    assert_eq!(read_through(&b.address(), 0, written.len()), written);
+
+    // Only the root directory's cluster hands numbers out.
+    grant(&first, &third, &root, "c");
+    let b_listen = listen_of(&b);
+    let wrong = third.blocktree_output(&[
+        "up",
+        "--data",
+        &arg(&third.data()),
+        "--nbd",
+        "127.0.0.1:0",
+        "--root-cluster",
+        &b_listen,
+    ]);
+    assert!(!wrong.status.success());
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    // (b's cluster does not even take requests from outside its directory.)
+    assert!(
+        stderr.contains(&format!("/{root}/c is not in /{root}/b")),
+        "{stderr}"
+    );
+
+    // The root's cluster keeps count across a restart (in its log and state
+    // machine): the next directory gets 3, never 2 again.
+    drop(a);
+    let a = first.up(&["--listen", &a_listen]);
+    let c = third.up(&["--root-cluster", &a_listen]);
+    assert_eq!(generation_of(&c), (3, format!("/{root}/c")));
+    grant(&first, &fourth, &root, "d");
+
+    // A store keeps its number: restarted without --root-cluster, and with
+    // the root's cluster down.
+    drop(a);
+    drop(b);
+    let b = second.up(&["--listen", &b_listen]);
+    assert_eq!(generation_of(&b), (2, format!("/{root}/b")));
+    assert_eq!(read_through(&b.address(), 0, written.len()), written);
+
+    // A new store cannot be numbered while the root's cluster is down.
+    let down = fourth.blocktree_output(&[
+        "up",
+        "--data",
+        &arg(&fourth.data()),
+        "--nbd",
+        "127.0.0.1:0",
+        "--root-cluster",
+        &a_listen,
+    ]);
+    assert!(!down.status.success());
+    let stderr = String::from_utf8_lossy(&down.stderr);
+    assert!(
+        stderr.contains(&format!("asking /{root}'s cluster at {a_listen}")),
+        "{stderr}"
+    );
+    drop(c);
+    drop(b);
 }

@@ -9,19 +9,22 @@
 
 use crate::error::{FsError, FsResult};
 use crate::filesystem::{FileSystem, FsConfig};
+use blocktree_core::BtPath;
 use blocktree_core::credstore::CredStore;
 use blocktree_engine::EngineConfig;
 use blocktree_netstack::Credentials;
-use blocktree_raftlog::{GenerationInfo, RaftConfig, RaftService, SectorService, ServiceError};
+use blocktree_raftlog::{
+    GenerationInfo, ROOT_GENERATION, RaftConfig, RaftService, SectorService, ServiceError,
+};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// The sector store's directory inside a data directory.
 pub const SECTORS_DIR: &str = "sectors";
-/// The generation number of a domain's root directory: the only generation a
-/// data directory holds until directories get clusters of their own.
-pub const LOCAL_GENERATION: u64 = 1;
+/// The generation number of a domain's root directory; the root's cluster
+/// numbers every other directory's generation.
+pub const LOCAL_GENERATION: u64 = ROOT_GENERATION;
 
 /// How a data directory's member talks to the others.
 #[derive(Clone, Debug, Default)]
@@ -59,10 +62,15 @@ pub fn exists(data: &Path) -> bool {
 /// Opens the member in `data/sectors`, creating a one-member cluster on first
 /// use (with the runtime writecap's path as the generation's directory), or
 /// joining another's cluster, as `membership` says.
+///
+/// A new store for a directory below the domain's root asks the root
+/// directory's cluster, through its member at `root_cluster`, for its
+/// generation number; one for the root directory is the root generation.
 pub fn open_service(
     data: &Path,
     creds: Arc<dyn CredStore>,
     membership: &Membership,
+    root_cluster: Option<SocketAddr>,
 ) -> FsResult<Arc<RaftService>> {
     let dir = data.join(SECTORS_DIR);
     let mut config = RaftConfig::new(&dir);
@@ -84,10 +92,11 @@ pub fn open_service(
         }
         Membership::Join { listen, .. } | Membership::Listen(listen) => {
             let config = network(*listen)?;
-            RaftService::open_or_create(config, || new_generation(creds.as_ref()))?
+            RaftService::open_or_create(config, || new_generation(&creds, root_cluster))?
         }
         Membership::Alone => {
-            let service = RaftService::open_or_create(config, || new_generation(creds.as_ref()))?;
+            let service =
+                RaftService::open_or_create(config, || new_generation(&creds, root_cluster))?;
             let voters = service.status().voters.len();
             if voters > 1 {
                 // Without its network it could neither commit nor read, and
@@ -104,9 +113,13 @@ pub fn open_service(
     Ok(Arc::new(service))
 }
 
-/// The generation a new store holds: the root generation of the directory the
-/// runtime's writecap names.
-fn new_generation(creds: &dyn CredStore) -> Result<GenerationInfo, ServiceError> {
+/// The generation a new store holds, for the directory the runtime's
+/// writecap names: the root generation for the domain's root directory,
+/// else the number the root directory's cluster at `root_cluster` hands out.
+fn new_generation(
+    creds: &Arc<dyn CredStore>,
+    root_cluster: Option<SocketAddr>,
+) -> Result<GenerationInfo, ServiceError> {
     let path = creds
         .writecap()
         .and_then(|writecap| writecap.path().cloned())
@@ -115,8 +128,30 @@ fn new_generation(creds: &dyn CredStore) -> Result<GenerationInfo, ServiceError>
                 "a new sector store needs credentials with a writecap; import one first".into(),
             )
         })?;
+    let root = BtPath::root_of(path.root());
+    if path == root {
+        return Ok(GenerationInfo {
+            generation: ROOT_GENERATION,
+            directory: path,
+        });
+    }
+    let Some(root_addr) = root_cluster else {
+        return Err(ServiceError::Invalid(format!(
+            "this server's writecap is for {path}, below the domain's root {root}: a new store \
+             for it needs a generation number from {root}'s cluster; start it with \
+             `blocktree up --root-cluster ADDR:PORT` (where a member of that cluster listens)"
+        )));
+    };
+    let credentials = Credentials::from_store(creds.clone())
+        .map_err(|error| ServiceError::Invalid(format!("runtime credentials: {error}")))?;
+    let generation =
+        blocktree_raftlog::request_generation(&credentials, root_addr).map_err(|error| {
+            ServiceError::Replication(format!(
+                "asking {root}'s cluster at {root_addr} for {path}'s generation number: {error}"
+            ))
+        })?;
     Ok(GenerationInfo {
-        generation: LOCAL_GENERATION,
+        generation,
         directory: path,
     })
 }
@@ -127,6 +162,7 @@ pub fn open_local(
     creds: Arc<dyn CredStore>,
     config: FsConfig,
 ) -> FsResult<FileSystem> {
-    let service: Arc<dyn SectorService> = open_service(data, creds.clone(), &Membership::Alone)?;
+    let service: Arc<dyn SectorService> =
+        open_service(data, creds.clone(), &Membership::Alone, None)?;
     FileSystem::new(service, creds, config)
 }

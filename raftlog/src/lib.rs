@@ -33,7 +33,9 @@ pub mod verify;
 pub use direct::DirectService;
 pub use network::ClusterStatus;
 pub use raft::{
-    RaftConfig, RaftService, ReadMode, ScrubReport, query_status, query_status_at, read_member_file,
+    RaftConfig, RaftService, ReadMode, ScrubReport, query_status, query_status_at,
+    read_member_file, request_generation,
 };
 pub use service::{FileWrite, ReadAccess, SectorBatch, SectorService, ServiceError};
+pub use statemachine::ROOT_GENERATION;
 pub use store::GenerationInfo;

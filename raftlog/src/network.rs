@@ -104,6 +104,8 @@ pub enum RaftMessage {
         meta: SnapshotMeta<NodeId, MemberNode>,
         /// The generation's next free inode.
         next_inode: u64,
+        /// The next generation number to hand out (root generation).
+        next_generation: u64,
         /// How many chunks were sent.
         chunks: u64,
     },
@@ -131,6 +133,14 @@ pub enum RaftMessage {
     },
     /// From a follower: reserve inode numbers for it.
     ReserveInodes,
+    /// To the root directory's cluster: a generation number for a new
+    /// directory's cluster. A server of that directory asks for its own
+    /// (`directory` must be the path its writecap proves); a member of the
+    /// root cluster forwards such a request to its leader.
+    AllocateGeneration {
+        /// The new generation's directory.
+        directory: BtPath,
+    },
     /// From a follower: the log index a linearizable read must wait for.
     ReadIndex,
     /// From a member: it now listens at `member` (the sender's proved path
@@ -226,6 +236,11 @@ pub enum RaftReply {
         start: u64,
         /// One past the last.
         end: u64,
+    },
+    /// To `AllocateGeneration`: the directory's generation number.
+    Generation {
+        /// The number, unique in the domain.
+        generation: u64,
     },
     /// To `ReadIndex`: apply at least up to this index, then read.
     ReadIndex {
@@ -646,7 +661,10 @@ impl BttpConnection {
             RaftReply::Snapshot(response) => return Ok(response),
             other => return Err(network(unexpected(other))),
         }
-        let next_inode = shared.machine.applied().next_inode;
+        let (next_inode, next_generation) = {
+            let applied = shared.machine.applied();
+            (applied.next_inode, applied.next_generation)
+        };
         let engine = shared.machine.store.engine();
         let generation = shared.machine.store.info.generation;
         let mut seq = 0;
@@ -679,6 +697,7 @@ impl BttpConnection {
                     vote,
                     meta: snapshot.meta,
                     next_inode,
+                    next_generation,
                     chunks: seq,
                 },
                 CHUNK_TIMEOUT,
@@ -886,8 +905,12 @@ async fn handle(shared: &NetworkShared, peer: &Peer, message: RaftMessage) -> Ra
             vote,
             meta,
             next_inode,
+            next_generation,
             chunks,
-        } => snapshot_end(shared, raft, id, vote, meta, next_inode, chunks).await,
+        } => {
+            let counters = (next_inode, next_generation);
+            snapshot_end(shared, raft, id, vote, meta, counters, chunks).await
+        }
         RaftMessage::Join { node } => {
             let node = MemberNode {
                 addr: node.addr,
@@ -911,6 +934,23 @@ async fn handle(shared: &NetworkShared, peer: &Peer, message: RaftMessage) -> Ra
             Some(member) => member.serve_read_index().await,
             None => RaftReply::Refused("the member is starting".into()),
         },
+        RaftMessage::AllocateGeneration { directory } => {
+            let Some(member) = shared.member() else {
+                return RaftReply::Refused("the member is starting".into());
+            };
+            // Anyone in the domain may ask for the directory its writecap
+            // proves; only members of this cluster forward others' requests.
+            let forwarded = member.is_member(peer_id);
+            if !forwarded && directory != peer_path {
+                return RaftReply::Refused(format!(
+                    "{peer_path} may ask for a generation number for its own directory only, \
+                     not for {directory}"
+                ));
+            }
+            tokio::task::spawn_blocking(move || member.serve_generation(&directory))
+                .await
+                .unwrap_or_else(|error| RaftReply::Refused(error.to_string()))
+        }
         message @ (RaftMessage::ForwardWrite { .. } | RaftMessage::ReserveInodes) => {
             let Some(member) = shared.member() else {
                 return RaftReply::Refused("the member is starting".into());
@@ -1027,7 +1067,7 @@ async fn snapshot_end(
     id: String,
     vote: Vote,
     meta: SnapshotMeta<NodeId, MemberNode>,
-    next_inode: u64,
+    (next_inode, next_generation): (u64, u64),
     chunks: u64,
 ) -> RaftReply {
     let transfer = {
@@ -1056,6 +1096,7 @@ async fn snapshot_end(
         snapshot: Box::new(SnapshotData::Received {
             dir: shared.machine.incoming_dir(),
             next_inode,
+            next_generation,
         }),
     };
     match raft.install_full_snapshot(vote, snapshot).await {

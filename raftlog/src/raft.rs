@@ -33,7 +33,8 @@ use crate::network::{
 };
 use crate::service::{ReadAccess, SectorBatch, SectorService, ServiceError};
 use crate::statemachine::{
-    EngineConfigFn, INCOMING_DIR, MachineShared, SectorStateMachine, read_applied, write_applied,
+    EngineConfigFn, INCOMING_DIR, MachineShared, ROOT_GENERATION, SectorStateMachine, read_applied,
+    write_applied,
 };
 use crate::store::{GenerationInfo, SectorStore, lock, write_file_durably};
 use crate::types::{MemberNode, NodeId, Raft, RaftRequest, node_id_of};
@@ -1503,6 +1504,71 @@ impl Member {
         Ok(start..end)
     }
 
+    /// Whether `node` is a voter or learner of this cluster.
+    pub(crate) fn is_member(&self, node: NodeId) -> bool {
+        let applied = self.machine.applied();
+        let membership = applied.membership.membership();
+        membership.voter_ids().any(|id| id == node) || membership.learner_ids().any(|id| id == node)
+    }
+
+    /// A generation number for `directory`'s new cluster, handed out by this
+    /// cluster's leader (here, or forwarded to it): the request of a server
+    /// of that directory, which this member received (blocking).
+    pub(crate) fn serve_generation(&self, directory: &BtPath) -> RaftReply {
+        match self.generation_for(directory) {
+            Ok(generation) => RaftReply::Generation { generation },
+            Err(error) => self.failure_reply(error),
+        }
+    }
+
+    fn generation_for(&self, directory: &BtPath) -> Result<u64, ServiceError> {
+        let own = &self.store.info.directory;
+        if self.store.info.generation != ROOT_GENERATION || *own != BtPath::root_of(own.root()) {
+            return Err(ServiceError::Invalid(format!(
+                "this cluster stores {own} (generation {}): only the cluster of the domain's \
+                 root directory numbers generations",
+                self.store.info.generation
+            )));
+        }
+        if directory == own || !own.contains(directory) {
+            return Err(ServiceError::Invalid(format!(
+                "{directory} is not a directory below {own}"
+            )));
+        }
+        let message = RaftMessage::AllocateGeneration {
+            directory: directory.clone(),
+        };
+        let forwarded = if self.network.is_none() {
+            Forwarded::Local
+        } else {
+            // Asking twice wastes a number at worst: numbers only need to be unique.
+            self.forward(&message, CONTROL_TIMEOUT, true)?
+        };
+        match forwarded {
+            Forwarded::Local => self.allocate_generation(directory),
+            Forwarded::Reply(reply) => match *reply {
+                RaftReply::Generation { generation } if generation > ROOT_GENERATION => {
+                    Ok(generation)
+                }
+                other => Err(self.forward_error(other, None)),
+            },
+        }
+    }
+
+    /// On the leader: hands out the next generation number, through the log.
+    fn allocate_generation(&self, directory: &BtPath) -> Result<u64, ServiceError> {
+        self.ensure_leader_ready()?;
+        let _reserving = lock(&self.reserving);
+        let generation = self.machine.applied().next_generation;
+        self.propose(|origin| RaftRequest::AllocateGeneration {
+            origin,
+            generation,
+            directory: directory.clone(),
+        })?;
+        tracing::info!(%directory, generation, "handed out a generation number");
+        Ok(generation)
+    }
+
     /// A fresh inode number: from this member's reservation, reserved by the
     /// leader (here or asked over the network) when it runs out.
     fn allocate_inode(&self) -> Result<u64, ServiceError> {
@@ -1827,11 +1893,58 @@ pub fn query_status_at(
     query_status_via(credentials, peer_addr, None)
 }
 
+/// Asks the cluster of the domain's root directory, through its member at
+/// `root_addr`, for the generation number of the directory `credentials`'
+/// writecap names: what a new directory's store is created with (the
+/// original design's "requests a new generation number" from the root
+/// generation). The number is unique in the domain and recorded in the root
+/// cluster's log.
+pub fn request_generation(
+    credentials: &Credentials,
+    root_addr: SocketAddr,
+) -> Result<u64, ServiceError> {
+    let directory = credentials.path();
+    if *directory == BtPath::root_of(directory.root()) {
+        return Err(ServiceError::Invalid(format!(
+            "{directory} is the domain's root directory: its generation is \
+             {ROOT_GENERATION}, and only directories below it are numbered"
+        )));
+    }
+    let message = RaftMessage::AllocateGeneration {
+        directory: directory.clone(),
+    };
+    match call_control_once(credentials, root_addr, None, message)? {
+        RaftReply::Generation { generation } if generation > ROOT_GENERATION => Ok(generation),
+        RaftReply::Generation { generation } => Err(ServiceError::Replication(format!(
+            "the root cluster at {root_addr} answered generation {generation}, which is its own"
+        ))),
+        RaftReply::NotLeader { .. } => Err(ServiceError::Replication(format!(
+            "the root cluster's member at {root_addr} knows no leader; try again"
+        ))),
+        other => Err(reply_error(other)),
+    }
+}
+
 fn query_status_via(
     credentials: &Credentials,
     peer_addr: SocketAddr,
     peer_path: Option<BtPath>,
 ) -> Result<ClusterStatus, ServiceError> {
+    match call_control_once(credentials, peer_addr, peer_path, RaftMessage::Status)? {
+        RaftReply::Status(status) => Ok(status),
+        other => Err(reply_error(other)),
+    }
+}
+
+/// Sends `message` to the control service of the member at `peer_addr` (at
+/// `peer_path` if known, else found by the handshake) from a short-lived
+/// runtime of `credentials`, and returns the reply.
+fn call_control_once(
+    credentials: &Credentials,
+    peer_addr: SocketAddr,
+    peer_path: Option<BtPath>,
+    message: RaftMessage,
+) -> Result<RaftReply, ServiceError> {
     let tokio = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -1852,25 +1965,13 @@ fn query_status_via(
         let config = RuntimeConfig::new(bind, AccessPolicy::new(record));
         let runtime = Runtime::start(config, credentials.clone()).map_err(raft_failure)?;
         let answer = match &peer_path {
-            Some(path) => {
-                network::call_control(&runtime, path, peer_addr, RaftMessage::Status).await
-            }
+            Some(path) => network::call_control(&runtime, path, peer_addr, message).await,
             None => {
-                network::call_control_at(
-                    &runtime,
-                    credentials.path(),
-                    peer_addr,
-                    RaftMessage::Status,
-                )
-                .await
+                network::call_control_at(&runtime, credentials.path(), peer_addr, message).await
             }
         };
         runtime.shutdown().await;
-        match answer {
-            Ok(RaftReply::Status(status)) => Ok(status),
-            Ok(other) => Err(reply_error(other)),
-            Err(error) => Err(raft_failure(error)),
-        }
+        answer.map_err(raft_failure)
     })
 }
 

@@ -35,6 +35,9 @@ use std::sync::{Arc, Mutex};
 pub const APPLIED_INODE: u64 = u64::MAX;
 /// The first inode a generation hands out (as the engine's superblock does).
 pub const FIRST_INODE: u64 = 3;
+/// The generation number of a domain's root directory: the one cluster that
+/// numbers every other directory's generation.
+pub const ROOT_GENERATION: u64 = 1;
 /// The directory a snapshot is received into, beside the engine's.
 pub const INCOMING_DIR: &str = "snapshot-incoming";
 
@@ -50,6 +53,9 @@ pub struct AppliedState {
     pub membership: StoredMembership,
     /// The generation's next free inode.
     pub next_inode: u64,
+    /// In the root generation: the next generation number to hand out to a
+    /// new directory's cluster (unused elsewhere).
+    pub next_generation: u64,
 }
 
 impl Default for AppliedState {
@@ -58,7 +64,33 @@ impl Default for AppliedState {
             last_applied: None,
             membership: StoredMembership::default(),
             next_inode: FIRST_INODE,
+            next_generation: ROOT_GENERATION + 1,
         }
+    }
+}
+
+/// The applied state as stores written before generation numbering kept it.
+#[derive(Deserialize)]
+struct AppliedStateV1 {
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+    next_inode: u64,
+}
+
+impl AppliedState {
+    /// Decodes a stored applied state, also one written before
+    /// `next_generation` existed (which then starts at the default).
+    pub fn decode(bytes: &[u8]) -> Result<AppliedState, codec::CodecError> {
+        codec::decode(RaftKind::AppliedState, bytes).or_else(|error| {
+            let old: AppliedStateV1 =
+                codec::decode(RaftKind::AppliedState, bytes).map_err(|_| error)?;
+            Ok(AppliedState {
+                last_applied: old.last_applied,
+                membership: old.membership,
+                next_inode: old.next_inode,
+                ..AppliedState::default()
+            })
+        })
     }
 }
 
@@ -205,8 +237,9 @@ pub(crate) async fn read_applied(
         .await
         .map_err(|error| sm_error(ErrorVerb::Read, error))?
     {
-        Some(bytes) => codec::decode(RaftKind::AppliedState, &bytes)
-            .map_err(|error| sm_error(ErrorVerb::Read, error)),
+        Some(bytes) => {
+            AppliedState::decode(&bytes).map_err(|error| sm_error(ErrorVerb::Read, error))
+        }
         None => Ok(AppliedState::default()),
     }
 }
@@ -303,6 +336,10 @@ impl RaftStateMachine<SectorRaft> for SectorStateMachine {
                         RaftRequest::ReserveInodes { end, .. } => {
                             applied.next_inode = applied.next_inode.max(end);
                         }
+                        RaftRequest::AllocateGeneration { generation, .. } => {
+                            applied.next_generation =
+                                applied.next_generation.max(generation.saturating_add(1));
+                        }
                     }
                 }
                 EntryPayload::Membership(membership) => {
@@ -353,7 +390,12 @@ impl RaftStateMachine<SectorRaft> for SectorStateMachine {
         meta: &SnapshotMeta<NodeId, crate::types::MemberNode>,
         snapshot: Box<SnapshotData>,
     ) -> Result<(), StorageError> {
-        let SnapshotData::Received { dir, next_inode } = *snapshot else {
+        let SnapshotData::Received {
+            dir,
+            next_inode,
+            next_generation,
+        } = *snapshot
+        else {
             // Our own engine is already the snapshot.
             return Ok(());
         };
@@ -363,6 +405,7 @@ impl RaftStateMachine<SectorRaft> for SectorStateMachine {
             last_applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
             next_inode,
+            next_generation,
         };
         let config = shared.engine_config.clone();
         let received = {
@@ -439,4 +482,40 @@ fn exchange_dirs(a: &Path, b: &Path) -> Result<(), blocktree_engine::EngineError
             .map_err(io("syncing", parent))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Serialize)]
+    struct OldAppliedState {
+        last_applied: Option<LogId>,
+        membership: StoredMembership,
+        next_inode: u64,
+    }
+
+    #[test]
+    fn an_applied_state_stored_before_generation_numbering_still_decodes() {
+        let old = codec::encode(
+            RaftKind::AppliedState,
+            &OldAppliedState {
+                last_applied: None,
+                membership: StoredMembership::default(),
+                next_inode: 77,
+            },
+        );
+        let decoded = AppliedState::decode(&old).unwrap();
+        assert_eq!(decoded.next_inode, 77);
+        assert_eq!(decoded.next_generation, ROOT_GENERATION + 1);
+
+        let new = AppliedState {
+            next_generation: 9,
+            ..decoded
+        };
+        let encoded = codec::encode(RaftKind::AppliedState, &new);
+        assert_eq!(AppliedState::decode(&encoded).unwrap(), new);
+        assert!(AppliedState::decode(&[1]).is_err());
+        assert!(AppliedState::decode(&encoded[..3]).is_err());
+    }
 }

@@ -73,15 +73,25 @@ pub enum RaftRequest {
         /// One past the last.
         end: u64,
     },
+    /// In the root generation: `generation` is handed to a new directory's
+    /// cluster; applying it raises the next number to hand out past it.
+    AllocateGeneration {
+        /// Who proposed it.
+        origin: Origin,
+        /// The number handed out.
+        generation: u64,
+        /// The directory it numbers (for the record in the log).
+        directory: BtPath,
+    },
 }
 
 impl RaftRequest {
     /// Who proposed the entry.
     pub fn origin(&self) -> Origin {
         match self {
-            RaftRequest::Write { origin, .. } | RaftRequest::ReserveInodes { origin, .. } => {
-                *origin
-            }
+            RaftRequest::Write { origin, .. }
+            | RaftRequest::ReserveInodes { origin, .. }
+            | RaftRequest::AllocateGeneration { origin, .. } => *origin,
         }
     }
 }
@@ -108,6 +118,9 @@ pub enum SnapshotData {
         dir: PathBuf,
         /// The generation's next free inode it was sent with.
         next_inode: u64,
+        /// The next generation number to hand out (root generation) it was
+        /// sent with.
+        next_generation: u64,
     },
 }
 

@@ -85,6 +85,17 @@ fn a_forwarded_batch_round_trips_and_the_seeds_decode() {
                 postcard::to_allocvec(&RaftMessage::ReserveInodes).unwrap(),
             ),
             (
+                "allocate-generation",
+                postcard::to_allocvec(&RaftMessage::AllocateGeneration {
+                    directory: domain.directory(),
+                })
+                .unwrap(),
+            ),
+            (
+                "generation-reply",
+                postcard::to_allocvec(&RaftReply::Generation { generation: 2 }).unwrap(),
+            ),
+            (
                 "update-node",
                 postcard::to_allocvec(&RaftMessage::UpdateNode {
                     node: 7,

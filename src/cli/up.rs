@@ -115,6 +115,12 @@ pub struct UpArgs {
     /// this address; without it the store is a cluster of this server alone.
     #[arg(long, value_name = "ADDR:PORT")]
     listen: Option<String>,
+    /// Where a member of the domain root directory's cluster listens (its
+    /// --listen): asked for the generation number of a new store whose writecap
+    /// is for a directory below the root. Not needed once the store exists, nor
+    /// for the root directory's own store (generation 1).
+    #[arg(long, value_name = "ADDR:PORT")]
+    root_cluster: Option<String>,
     /// Log level of the server's messages on stderr: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     log: LogLevel,
@@ -303,9 +309,18 @@ fn serve(args: UpArgs, membership: Membership) -> Result<()> {
     if joining {
         eprintln!("joining the cluster (receiving its sectors first)…");
     }
-    let service = local::open_service(&args.data, creds.clone(), &membership)
+    let root_cluster = match &args.root_cluster {
+        Some(addr) => Some(resolve("--root-cluster", addr)?),
+        None => None,
+    };
+    let service = local::open_service(&args.data, creds.clone(), &membership, root_cluster)
         .with_context(|| format!("cannot open the Blocktree store in {}", data.display()))?;
     report.field("cluster", cluster_text(&service, joining));
+    let status = service.status();
+    report.field(
+        "generation",
+        format!("{} (directory {})", status.generation, status.directory),
+    );
     let sectors: Arc<dyn SectorService> = service.clone();
     let fs = Arc::new(
         FileSystem::new(sectors, creds, config)
