@@ -63,7 +63,8 @@ fn wait_for_new_leader(data: &Data, old: &serde_json::Value) {
 }
 
 /// Grants the server to be started in `joiner` a writecap for `/<root>/<name>`
-/// with the root credentials in `first`'s store, and a readcap on everything.
+/// (the whole directory, `/<root>`, when `name` is empty) with the root
+/// credentials in `first`'s store, and a readcap on everything.
 fn grant(first: &Data, joiner: &Data, root: &str, name: &str) {
     let store = arg(&joiner.data().join("credentials"));
     let request = arg(&joiner.path("server.request"));
@@ -75,7 +76,11 @@ fn grant(first: &Data, joiner: &Data, root: &str, name: &str) {
         "--store",
         &store,
         "--path",
-        &format!("/{root}/{name}"),
+        &if name.is_empty() {
+            format!("/{root}")
+        } else {
+            format!("/{root}/{name}")
+        },
         "--out",
         &request,
     ]);
@@ -150,7 +155,8 @@ fn three_servers_replicate_fail_over_catch_up_and_one_leaves() {
     write_through(&a.address(), 0, &early);
 
     let (second, third) = (Data::new(), Data::new());
-    grant(&first, &second, &root, "b");
+    // B holds the directory's writecap, like A; C one for a path inside it.
+    grant(&first, &second, &root, "");
     grant(&first, &third, &root, "c");
     let b = second.serve("join", &["--listen", "127.0.0.1:0", &a_listen]);
     assert!(
@@ -165,10 +171,10 @@ fn three_servers_replicate_fail_over_catch_up_and_one_leaves() {
     // The joiners received what A held by snapshot, and serve it.
     assert_eq!(read_through(&b.address(), 0, early.len()), early);
     assert_eq!(read_through(&c.address(), 0, early.len()), early);
-    // Their writecaps lie inside the cluster's directory without covering it:
-    // they store and serve, but sign no writes, and say so.
+    // C's writecap lies inside the cluster's directory without covering it:
+    // it stores and serves, but signs no writes, and says so.
     assert!(
-        b.field("writes")
+        c.field("writes")
             .starts_with("refused, volumes served read-only")
     );
     // A write through A reaches every member, also one that cached vol0 before.
@@ -176,11 +182,24 @@ fn three_servers_replicate_fail_over_catch_up_and_one_leaves() {
     write_through(&a.address(), 0, &rewritten);
     assert_eq!(read_through(&b.address(), 0, rewritten.len()), rewritten);
     assert_eq!(read_through(&c.address(), 0, rewritten.len()), rewritten);
+    // B, a follower holding the directory's writecap, signs writes of its
+    // own (forwarded to the leader) that every member serves.
+    let from_b = pattern(3, 64 << 10);
+    write_through(&b.address(), 2 << 20, &from_b);
+    assert_eq!(read_through(&a.address(), 2 << 20, from_b.len()), from_b);
+    assert_eq!(read_through(&c.address(), 2 << 20, from_b.len()), from_b);
 
-    // The leader dies: B and C elect one of themselves, and still serve.
+    // The leader dies: B and C elect one of themselves, still serve, and
+    // B still takes writes: the cluster writes on without its first server.
     a.kill9();
     wait_for_new_leader(&second, &a_node);
     assert_eq!(read_through(&c.address(), 0, rewritten.len()), rewritten);
+    let without_a = pattern(6, 64 << 10);
+    write_through(&b.address(), 3 << 20, &without_a);
+    assert_eq!(
+        read_through(&c.address(), 3 << 20, without_a.len()),
+        without_a
+    );
 
     // A comes back on its address as a follower; its writes are forwarded to
     // the new leader and reach every member.
@@ -192,6 +211,10 @@ fn three_servers_replicate_fail_over_catch_up_and_one_leaves() {
     assert_eq!(read_through(&b.address(), 4 << 20, after.len()), after);
     assert_eq!(read_through(&c.address(), 4 << 20, after.len()), after);
     assert_eq!(read_through(&a.address(), 0, rewritten.len()), rewritten);
+    assert_eq!(
+        read_through(&a.address(), 3 << 20, without_a.len()),
+        without_a
+    );
 
     // The leader (B or C, since A came back as a follower) leaves: it steps
     // down, stops, its sectors are set aside; two voters elect and go on.

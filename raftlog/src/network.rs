@@ -292,8 +292,9 @@ pub fn directory_control_path(directory: &BtPath) -> Option<BtPath> {
 /// path the writecap does cover; that path is then dialled and verified as
 /// usual, so nothing learnt this way is trusted before it is checked. A
 /// member whose writecap covers the probed path (one holding a writecap for
-/// the whole directory) answers at once under the directory's control
-/// service, tried for each ancestor of `own`, longest first.
+/// the whole directory, as the caller may) answers at once under the
+/// directory's control service, tried for `own` and each of its ancestors,
+/// longest first.
 pub(crate) async fn call_control_at(
     runtime: &Runtime,
     own: &BtPath,
@@ -306,7 +307,9 @@ pub(crate) async fn call_control_at(
     use blocktree_netstack::verify::VerifyError;
     let no_route = || BttpError::NoRoute(format!("a member at {addr}"));
     let probe = own.join(".raft-probe").map_err(|_| no_route())?;
-    let mut candidate = own.parent();
+    // From `own` itself: a member holding the same path (the directory's
+    // writecap, as the caller) answers under its own directory's service.
+    let mut candidate = Some(own.clone());
     while let Some(directory) = candidate {
         let service = directory_control_path(&directory).ok_or_else(no_route)?;
         runtime.add_peer(probe.clone(), addr, [service.clone()]);
@@ -365,12 +368,24 @@ fn directory_of(path: &BtPath) -> BtPath {
     path.parent().unwrap_or_else(|| path.clone())
 }
 
-/// The name to call member `node`'s raft service by.
+/// The path member `node`, whose runtime path is `member_path`, is dialled
+/// at: a child of its runtime path, so its writecap covers it, and one of its
+/// own. Several members may hold writecaps for the same path (every server
+/// that may sign writes holds the directory's), and bttp keeps one route and
+/// one connection per path, so a route keyed by the runtime path alone would
+/// lose all but one of them.
+fn dial_path(member_path: &BtPath, node: NodeId) -> Option<BtPath> {
+    member_path.join(&format!(".raft-{node:016x}")).ok()
+}
+
+/// The name to call member `node`'s raft service by: the service (its path
+/// names the node) as provided by runtimes in `member.path` or above it, which
+/// admits both the dial path (see [`dial_path`]) and the member's runtime path.
 fn service_name(directory: &BtPath, node: NodeId, member: &MemberNode) -> Option<ServiceName> {
     Some(ServiceName {
         service: raft_service_path(directory, node)?,
-        scope: directory_of(member.path.as_ref()?),
-        rootward: false,
+        scope: member.path.clone()?,
+        rootward: true,
         id: ServiceId::name("raft").ok()?,
     })
 }
@@ -378,13 +393,13 @@ fn service_name(directory: &BtPath, node: NodeId, member: &MemberNode) -> Option
 /// Tells `runtime` where `member` listens, so calls to its raft service route.
 pub(crate) fn add_route(runtime: &Runtime, directory: &BtPath, node: NodeId, member: &MemberNode) {
     let (Some(path), Ok(addr), Some(service)) = (
-        &member.path,
+        member.path.as_ref().and_then(|path| dial_path(path, node)),
         member.addr.parse(),
         raft_service_path(directory, node),
     ) else {
         return;
     };
-    runtime.add_peer(path.clone(), addr, [service]);
+    runtime.add_peer(path, addr, [service]);
 }
 
 /// Calls member `node`'s raft service.

@@ -181,15 +181,15 @@ pub(crate) fn resolve(what: &str, address: &str) -> Result<SocketAddr> {
 /// The long `--help` text of `blocktree join`.
 pub const JOIN_LONG_ABOUT: &str = "Start a new server as a member of a running server's cluster.
 
-The server's sectors are then replicated by Raft with the other members': writes commit on a majority, and any member serves NBD (a member that does not lead forwards writes to the leader). DATA must hold a credential store whose writecap lies in the cluster's directory (the first server's writecap path), and no sectors yet. Grant it one with the root credentials, which the first server's DATA/credentials holds:
+The server's sectors are then replicated by Raft with the other members': writes commit on a majority, and any member serves NBD (a member that does not lead forwards writes to the leader). DATA must hold a credential store whose writecap is for the cluster's directory (the first server's writecap path), and no sectors yet. Grant it one with the root credentials, which the first server's DATA/credentials holds:
 
   blocktree provision new-runtime --store DATA/credentials
-  blocktree provision request --store DATA/credentials --path /<root>/<server name> --out s.request
+  blocktree provision request --store DATA/credentials --path /<root> --out s.request
   blocktree provision approve --store FIRST/credentials --request s.request --out s.writecap
   blocktree provision import --store DATA/credentials --writecap s.writecap
   blocktree join --data DATA --listen ADDR:PORT --nbd ADDR:PORT PEER_ADDR:PORT
 
-The new server joins as a learner, receives the generation's sectors as a snapshot while writes go on, becomes a voter, and then serves like `blocktree up`, which restarts it later (with the same --listen). `blocktree cluster status` shows the members; `blocktree leave` takes a server out.";
+The new server joins as a learner, receives the generation's sectors as a snapshot while writes go on, becomes a voter, and then serves like `blocktree up`, which restarts it later (with the same --listen). It signs writes with its own key, so the cluster goes on writing without the first server. A writecap for a path inside the directory (--path /<root>/<name>) makes a read-only replica instead: it stores, votes and serves reads, and refuses writes. `blocktree cluster status` shows the members; `blocktree leave` takes a server out.";
 
 /// Arguments of `blocktree join`.
 #[derive(Debug, Args)]
