@@ -338,3 +338,50 @@ fn directories_below_the_root_get_their_generation_numbers_from_the_root_cluster
     drop(c);
     drop(b);
 }
+
+#[test]
+fn a_server_with_follower_reads_serves_its_copy_even_without_a_majority() {
+    let first = Data::new();
+    let a = first.up(&["--listen", "127.0.0.1:0"]);
+    let a_listen = listen_of(&a);
+    let root = a
+        .field("root principal")
+        .split(' ')
+        .next()
+        .expect("a principal")
+        .to_owned();
+    assert!(a.field("reads").starts_with("linearizable"));
+    let second = Data::new();
+    grant(&first, &second, &root, "");
+    let b = second.serve(
+        "join",
+        &["--listen", "127.0.0.1:0", "--follower-reads", &a_listen],
+    );
+    assert!(
+        b.field("reads").starts_with("follower reads"),
+        "{}",
+        b.field("reads")
+    );
+    wait_for_cluster(&first, 2);
+
+    // B reads its own copy: a write through A shows there once B applied it.
+    let written = pattern(9, 256 << 10);
+    write_through(&a.address(), 0, &written);
+    let started = Instant::now();
+    while read_through(&b.address(), 0, written.len()) != written {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "B never applied the write"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // With A gone, B is one of two voters: no majority, no leader, nothing
+    // commits; its copy still serves.
+    a.kill9();
+    for _ in 0..3 {
+        assert_eq!(read_through(&b.address(), 0, written.len()), written);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    drop(b);
+}

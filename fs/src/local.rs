@@ -14,7 +14,7 @@ use blocktree_core::credstore::CredStore;
 use blocktree_engine::EngineConfig;
 use blocktree_netstack::Credentials;
 use blocktree_raftlog::{
-    GenerationInfo, ROOT_GENERATION, RaftConfig, RaftService, SectorService, ServiceError,
+    GenerationInfo, ROOT_GENERATION, RaftConfig, RaftService, ReadMode, SectorService, ServiceError,
 };
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -59,22 +59,38 @@ pub fn exists(data: &Path) -> bool {
     RaftService::exists(&data.join(SECTORS_DIR))
 }
 
+/// How a data directory's member is opened, beyond its membership.
+#[derive(Clone, Debug, Default)]
+pub struct ServiceOptions {
+    /// A member of the domain root directory's cluster: asked for the
+    /// generation number of a new store for a directory below the root.
+    pub root_cluster: Option<SocketAddr>,
+    /// Serve reads from this member's store as applied so far, without asking
+    /// the leader first: faster on a follower, possibly stale (Raft's
+    /// "follower reads"). Off: reads are linearizable.
+    pub follower_reads: bool,
+}
+
 /// Opens the member in `data/sectors`, creating a one-member cluster on first
 /// use (with the runtime writecap's path as the generation's directory), or
 /// joining another's cluster, as `membership` says.
 ///
 /// A new store for a directory below the domain's root asks the root
-/// directory's cluster, through its member at `root_cluster`, for its
+/// directory's cluster, through its member at `options.root_cluster`, for its
 /// generation number; one for the root directory is the root generation.
 pub fn open_service(
     data: &Path,
     creds: Arc<dyn CredStore>,
     membership: &Membership,
-    root_cluster: Option<SocketAddr>,
+    options: &ServiceOptions,
 ) -> FsResult<Arc<RaftService>> {
+    let root_cluster = options.root_cluster;
     let dir = data.join(SECTORS_DIR);
     let mut config = RaftConfig::new(&dir);
     config.engine = Arc::new(engine_config);
+    if options.follower_reads {
+        config.read_mode = ReadMode::Follower;
+    }
     let network = |listen: SocketAddr| -> FsResult<RaftConfig> {
         let credentials = Credentials::from_store(creds.clone()).map_err(|error| {
             FsError::ReadOnly(format!(
@@ -162,7 +178,11 @@ pub fn open_local(
     creds: Arc<dyn CredStore>,
     config: FsConfig,
 ) -> FsResult<FileSystem> {
-    let service: Arc<dyn SectorService> =
-        open_service(data, creds.clone(), &Membership::Alone, None)?;
+    let service: Arc<dyn SectorService> = open_service(
+        data,
+        creds.clone(),
+        &Membership::Alone,
+        &ServiceOptions::default(),
+    )?;
     FileSystem::new(service, creds, config)
 }

@@ -74,7 +74,7 @@ fn service(domain: &Domain) -> Arc<blocktree_raftlog::RaftService> {
         &domain.data(),
         domain.creds.clone(),
         &blocktree_fs::local::Membership::Alone,
-        None,
+        &blocktree_fs::local::ServiceOptions::default(),
     )
     .unwrap()
 }

@@ -18,7 +18,7 @@
 
 use anyhow::{Context, Result, anyhow, bail};
 use blocktree_core::credstore::CredStore;
-use blocktree_fs::local::{self, Membership};
+use blocktree_fs::local::{self, Membership, ServiceOptions};
 use blocktree_fs::{FileSystem, FsConfig};
 use blocktree_nbd::control::{CONTROL_SOCKET, ControlServer};
 use blocktree_nbd::volumes::{DEFAULT_BLOCK_SIZE, DEFAULT_VOLUME};
@@ -121,6 +121,12 @@ pub struct UpArgs {
     /// for the root directory's own store (generation 1).
     #[arg(long, value_name = "ADDR:PORT")]
     root_cluster: Option<String>,
+    /// Serve reads from this server's copy as applied so far, without asking the
+    /// leader first (Raft follower reads): faster on a server that does not lead,
+    /// but a read may miss a write another server acknowledged a moment ago. By
+    /// default reads are linearizable: each sees every write acknowledged before it.
+    #[arg(long)]
+    follower_reads: bool,
     /// Log level of the server's messages on stderr: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     log: LogLevel,
@@ -313,9 +319,21 @@ fn serve(args: UpArgs, membership: Membership) -> Result<()> {
         Some(addr) => Some(resolve("--root-cluster", addr)?),
         None => None,
     };
-    let service = local::open_service(&args.data, creds.clone(), &membership, root_cluster)
+    let options = ServiceOptions {
+        root_cluster,
+        follower_reads: args.follower_reads,
+    };
+    let service = local::open_service(&args.data, creds.clone(), &membership, &options)
         .with_context(|| format!("cannot open the Blocktree store in {}", data.display()))?;
     report.field("cluster", cluster_text(&service, joining));
+    report.field(
+        "reads",
+        if args.follower_reads {
+            "follower reads (this server's copy as applied; may lag the leader)"
+        } else {
+            "linearizable (each sees every write acknowledged before it)"
+        },
+    );
     let status = service.status();
     report.field(
         "generation",
