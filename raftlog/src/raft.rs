@@ -69,6 +69,9 @@ const LOG_DIR: &str = "raft-log";
 const QUIET_START: Duration = Duration::from_secs(3);
 /// How long a new leader's writes wait for its first entry to apply.
 const LEADER_READY_WAIT: Duration = Duration::from_secs(5);
+/// How often a forwarded write whose answer was lost (its leader died or was
+/// deposed) is found not applied and sent again before its caller hears of it.
+const UNKNOWN_OUTCOME_RETRIES: u32 = 3;
 /// How long a member waits for a snapshot or purge it asked for before it
 /// looks again (a snapshot being sent holds purges back).
 const LOG_BOUND_RETRY: Duration = Duration::from_secs(1);
@@ -1153,7 +1156,16 @@ impl Member {
     /// Makes a linearizable read possible here: returns once this member has
     /// applied every write acknowledged (by any member) before the call.
     fn before_read(&self) -> Result<(), ServiceError> {
-        if self.read_mode == ReadMode::Follower || self.single_voter_ready() {
+        if self.read_mode == ReadMode::Follower {
+            return Ok(());
+        }
+        self.linearize()
+    }
+
+    /// Returns once this member has applied every write acknowledged (by any
+    /// member) before the call, whatever the read mode.
+    fn linearize(&self) -> Result<(), ServiceError> {
+        if self.single_voter_ready() {
             return Ok(());
         }
         let deadline = Instant::now() + LEADER_READY_WAIT;
@@ -1263,6 +1275,18 @@ impl Member {
         timeout: Duration,
         idempotent: bool,
     ) -> Result<Forwarded, ServiceError> {
+        self.forward_outcome(message, timeout, idempotent)
+            .map_err(ForwardError::into_service)
+    }
+
+    /// [`Member::forward`], telling a call whose outcome is unknown apart
+    /// from other failures.
+    fn forward_outcome(
+        &self,
+        message: &RaftMessage,
+        timeout: Duration,
+        idempotent: bool,
+    ) -> Result<Forwarded, ForwardError> {
         let network = self
             .network
             .as_ref()
@@ -1277,14 +1301,32 @@ impl Member {
                     Leader::Remote(leader, node) => (leader, node),
                 },
             };
-            let reply = self.block_on(network::call_member(
-                &network.runtime,
-                &network.directory,
-                leader,
-                &node,
-                message.clone(),
-                timeout,
-            ));
+            // A leader killed mid-call leaves its connection open until
+            // bttp's idle timeout: stop waiting as soon as this member sees
+            // another leader elected (or an election begin) instead.
+            let reply = self.block_on(async {
+                let call = network::call_member(
+                    &network.runtime,
+                    &network.directory,
+                    leader,
+                    &node,
+                    message.clone(),
+                    timeout,
+                );
+                tokio::select! {
+                    reply = call => Some(reply),
+                    () = leader_replaced(self.raft.metrics(), leader) => None,
+                }
+            });
+            let Some(reply) = reply else {
+                if idempotent {
+                    continue;
+                }
+                return Err(ForwardError::Unknown(format!(
+                    "forwarded to the leader {leader:016x}, which was replaced before it \
+                     answered; the outcome is unknown"
+                )));
+            };
             match reply {
                 Ok(RaftReply::NotLeader { leader, node }) => {
                     // Go to the leader it names; else wait for this member
@@ -1301,16 +1343,16 @@ impl Member {
                     tracing::debug!("forwarding to the leader {leader:016x}: {error}");
                 }
                 Err(error) => {
-                    return Err(ServiceError::Replication(format!(
+                    return Err(ForwardError::Unknown(format!(
                         "forwarded to the leader {leader:016x}, which did not answer: {error}; \
                          the outcome is unknown"
                     )));
                 }
             }
             if Instant::now() >= deadline {
-                return Err(ServiceError::Replication(format!(
+                return Err(ForwardError::Service(ServiceError::Replication(format!(
                     "no leader answered within {LEADER_READY_WAIT:?}"
-                )));
+                ))));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
@@ -1482,13 +1524,69 @@ impl Member {
         };
         // The leader's own write may take up to the write timeout.
         let timeout = self.write_timeout + Duration::from_secs(5);
-        match self.forward(&message, timeout, false)? {
-            Forwarded::Local => self.write_here(batch).map(|_| ()),
-            Forwarded::Reply(reply) => match *reply {
-                RaftReply::Applied { index } => self.wait_applied(Some(index)),
-                other => Err(self.forward_error(other, Some(&batch))),
-            },
+        // What the batch's files are here before it, and will be once it is
+        // applied: how a write whose outcome is unknown is told apart.
+        let before = self.stored_metas(&batch)?;
+        let after = written_metas(&batch);
+        let mut unknown = 0;
+        loop {
+            match self.forward_outcome(&message, timeout, false) {
+                Ok(Forwarded::Local) => return self.write_here(batch).map(|_| ()),
+                Ok(Forwarded::Reply(reply)) => {
+                    return match *reply {
+                        RaftReply::Applied { index } => self.wait_applied(Some(index)),
+                        other => Err(self.forward_error(other, Some(&batch))),
+                    };
+                }
+                Err(ForwardError::Service(error)) => return Err(error),
+                Err(ForwardError::Unknown(reason)) => {
+                    unknown += 1;
+                    if unknown > UNKNOWN_OUTCOME_RETRIES || after.is_empty() {
+                        return Err(ServiceError::Replication(reason));
+                    }
+                    // Once this member has applied everything committed (the
+                    // new leader commits what the old one left in a quorum's
+                    // logs before it answers a read index), the batch either
+                    // shows (it was committed) or never will (it was lost
+                    // with the old leader's term), and may be sent again.
+                    self.linearize()?;
+                    let now = self.stored_metas(&batch)?;
+                    if now == after {
+                        tracing::info!("a forwarded write whose answer was lost had committed");
+                        return Ok(());
+                    }
+                    if now != before {
+                        return Err(ServiceError::Replication(format!(
+                            "{reason}, and its files changed meanwhile"
+                        )));
+                    }
+                    tracing::info!("a forwarded write whose answer was lost is sent again");
+                }
+            }
         }
+    }
+
+    /// The stored metadata records of the files `batch` writes and removes.
+    fn stored_metas(&self, batch: &SectorBatch) -> Result<Vec<Option<Vec<u8>>>, ServiceError> {
+        let engine = self.store.engine();
+        let generation = self.store.info.generation;
+        let inodes = batch
+            .files
+            .iter()
+            .map(|file| file.meta.body().ids.inode)
+            .chain(batch.removes.iter().map(|meta| meta.body().ids.inode));
+        inodes
+            .map(|inode| {
+                let id = SectorId {
+                    generation,
+                    inode,
+                    sector: SectorKind::Meta,
+                };
+                self.block_on(engine.read(id))
+                    .map(|record| record.map(|bytes| bytes.to_vec()))
+                    .map_err(ServiceError::from)
+            })
+            .collect()
     }
 
     /// On the leader: reserves [`INODE_RESERVATION`] inode numbers.
@@ -1730,6 +1828,53 @@ enum Forwarded {
     Local,
     /// The leader's answer (boxed: replies are large, `Local` is empty).
     Reply(Box<RaftReply>),
+}
+
+/// Why a forwarded request has no answer.
+enum ForwardError {
+    /// It may have reached the leader, which gave no answer: it may or may
+    /// not have taken effect.
+    Unknown(String),
+    /// It failed otherwise (no leader, not delivered, …).
+    Service(ServiceError),
+}
+
+impl ForwardError {
+    fn into_service(self) -> ServiceError {
+        match self {
+            ForwardError::Unknown(reason) => ServiceError::Replication(reason),
+            ForwardError::Service(error) => error,
+        }
+    }
+}
+
+impl From<ServiceError> for ForwardError {
+    fn from(error: ServiceError) -> Self {
+        ForwardError::Service(error)
+    }
+}
+
+/// Returns once the member whose metrics these are, having named `leader` as
+/// the leader (or named none, or another, when called), names another or none
+/// (a new one elected, or an election under way). A member that has not yet
+/// heard of `leader` (named by another member's reply) waits to.
+async fn leader_replaced(
+    mut metrics: tokio::sync::watch::Receiver<openraft::RaftMetrics<NodeId, MemberNode>>,
+    leader: NodeId,
+) {
+    let mut baseline = metrics.borrow().current_leader;
+    loop {
+        let current = metrics.borrow_and_update().current_leader;
+        if current == Some(leader) {
+            baseline = current;
+        } else if current != baseline {
+            return;
+        }
+        if metrics.changed().await.is_err() {
+            // The member is shutting down: the caller's call ends too.
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// True when `error` shows the message never reached the member's handler
@@ -2294,4 +2439,15 @@ impl Drop for RaftService {
             tracing::warn!("raft log engine shutdown: {error}");
         }
     }
+}
+
+/// What the metadata records of the files `batch` writes and removes are once
+/// it is applied (see [`Member::stored_metas`]).
+fn written_metas(batch: &SectorBatch) -> Vec<Option<Vec<u8>>> {
+    batch
+        .files
+        .iter()
+        .map(|file| Some(blocktree_core::encoding::encode(&file.meta)))
+        .chain(batch.removes.iter().map(|_| None))
+        .collect()
 }

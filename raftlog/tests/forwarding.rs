@@ -105,13 +105,12 @@ fn followers_write_allocate_and_read_through_the_leader() {
 }
 
 #[test]
-fn a_write_through_a_follower_while_the_leader_dies_is_never_lost_silently() {
+fn a_write_through_a_follower_while_the_leader_dies_is_applied_exactly_once() {
     let domain = Domain::new();
     let (writer, _) = domain.store(&["cluster"]);
     let mut members = three_members(&domain, &writer);
     // (inode, sectors, sector bytes) of every acknowledged write.
     let mut acknowledged: Vec<(u64, u64, u64)> = Vec::new();
-    let mut failed = 0;
     for round in 0..4 {
         let leader = leader_index(&mut members, Duration::from_secs(15));
         let follower = (leader + 1) % members.len();
@@ -127,13 +126,12 @@ fn a_write_through_a_follower_while_the_leader_dies_is_never_lost_silently() {
         } else {
             follower
         };
+        // The follower learns whether the batch committed with the old
+        // leader (then it is there) or was lost with it (then it is sent to
+        // the new one): either way the answer is success.
         let reply = members[follower].receive();
-        if reply.starts_with("ok ") {
-            acknowledged.extend(inodes(&reply).into_iter().map(|inode| (inode, 4, 65536)));
-        } else {
-            assert!(reply.contains("replication:"), "round {round}: {reply}");
-            failed += 1;
-        }
+        assert!(reply.starts_with("ok "), "round {round}: {reply}");
+        acknowledged.extend(inodes(&reply).into_iter().map(|inode| (inode, 4, 65536)));
         members.insert(leader, Member::start(&spec, Start::Open));
         // Every acknowledged write is on every member (linearizable reads).
         leader_index(&mut members, Duration::from_secs(15));
@@ -153,8 +151,5 @@ fn a_write_through_a_follower_while_the_leader_dies_is_never_lost_silently() {
         digests.iter().all(|digest| *digest == digests[0]),
         "{digests:?}"
     );
-    eprintln!(
-        "{} writes acknowledged, {failed} failed as unknown",
-        acknowledged.len()
-    );
+    eprintln!("{} writes acknowledged", acknowledged.len());
 }
