@@ -72,6 +72,9 @@ const LEADER_READY_WAIT: Duration = Duration::from_secs(5);
 /// How often a forwarded write whose answer was lost (its leader died or was
 /// deposed) is found not applied and sent again before its caller hears of it.
 const UNKNOWN_OUTCOME_RETRIES: u32 = 3;
+/// How many corrupt sectors one read repairs from other members before it
+/// gives up and reports the next.
+const READ_REPAIRS: u32 = 64;
 /// How long a member waits for a snapshot or purge it asked for before it
 /// looks again (a snapshot being sent holds purges back).
 const LOG_BOUND_RETRY: Duration = Duration::from_secs(1);
@@ -816,6 +819,38 @@ impl Member {
             }
         }
         (checked, corrupt)
+    }
+
+    /// Runs `read` of this member's store; each sector it finds corrupt (its
+    /// checksum fails, so it is never served) is fetched from another member,
+    /// stored, and the read run again: read repair, so that one damaged copy
+    /// costs its reader a round trip rather than an I/O error. A sector that
+    /// cannot be repaired is reported as it was found.
+    fn read_repairing<T>(
+        &self,
+        read: impl Fn() -> Result<T, ServiceError>,
+    ) -> Result<T, ServiceError> {
+        let mut repaired = 0;
+        loop {
+            let result = read();
+            let id = match &result {
+                Err(ServiceError::Corrupt { id, .. })
+                | Err(ServiceError::Engine(EngineError::Corrupt(id))) => *id,
+                _ => return result,
+            };
+            if self.network.is_none() || repaired >= READ_REPAIRS {
+                return result;
+            }
+            tracing::warn!(
+                ?id,
+                "read a corrupt sector: repairing it from another member"
+            );
+            if let Err(error) = self.repair(&[(id.inode, id.sector)]) {
+                tracing::warn!(?id, "read repair failed: {error}");
+                return result;
+            }
+            repaired += 1;
+        }
     }
 
     fn repair(&self, sectors: &[(u64, SectorKind)]) -> Result<(), ServiceError> {
@@ -2322,12 +2357,14 @@ impl SectorService for RaftService {
 
     fn read_meta(&self, inode: u64) -> Result<Option<FileMeta>, ServiceError> {
         self.member.before_read()?;
-        self.member.store.read_meta(inode)
+        self.member
+            .read_repairing(|| self.member.store.read_meta(inode))
     }
 
     fn read_merkle_piece(&self, inode: u64, piece: u64) -> Result<Vec<u8>, ServiceError> {
         self.member.before_read()?;
-        self.member.store.read_merkle_piece(inode, piece)
+        self.member
+            .read_repairing(|| self.member.store.read_merkle_piece(inode, piece))
     }
 
     fn read_data(
@@ -2337,7 +2374,8 @@ impl SectorService for RaftService {
         access: Option<&ReadAccess>,
     ) -> Result<Vec<Option<Vec<u8>>>, ServiceError> {
         self.member.before_read()?;
-        self.member.store.read_data(inode, indices, access)
+        self.member
+            .read_repairing(|| self.member.store.read_data(inode, indices, access))
     }
 
     /// On the leader (or without a network): verifies, proposes and returns

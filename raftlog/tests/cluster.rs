@@ -329,13 +329,14 @@ fn a_corrupted_follower_is_repaired_from_the_others() {
     let damaged: Vec<(u64, u64)> = written.iter().take(3).map(|inode| (*inode, 1)).collect();
     assert!(flip_sectors(&spec.data, &damaged) >= damaged.len());
     let mut restarted = Member::start(&spec, Start::Open);
-    // The damage is detected: the store refuses to serve the flipped sectors.
-    let check = restarted.ask(&format!("check {} 4 4096", written[0]));
-    assert!(check.starts_with("err"), "{check}");
+    // A read of a flipped sector detects it (checksum) and repairs it from
+    // another member before it answers: the reader sees the right data.
+    assert_eq!(restarted.ask(&format!("check {} 4 4096", written[0])), "ok");
+    // The scrub finds the others, which nobody read, and repairs them.
     let scrub = restarted.ask("scrub");
     let words: Vec<&str> = scrub.split_whitespace().collect();
     assert_eq!(words[0], "scrub", "{scrub}");
-    assert!(words[2].parse::<u64>().unwrap() >= 3, "{scrub}");
+    assert!(words[2].parse::<u64>().unwrap() >= 2, "{scrub}");
     assert_eq!(words[2], words[3], "{scrub}");
     for inode in &written {
         assert_eq!(restarted.ask(&format!("check {inode} 4 4096")), "ok");
