@@ -376,6 +376,20 @@ fn a_server_with_follower_reads_serves_its_copy_even_without_a_majority() {
         std::thread::sleep(Duration::from_millis(50));
     }
 
+    // Both copies scrub clean (`cluster scrub`, answered by the running
+    // servers; damage and its repair are raftlog's tests).
+    for data in [&first, &second] {
+        let out = data.blocktree(&["cluster", "scrub", "--data", &arg(&data.data()), "--json"]);
+        let found: serde_json::Value = serde_json::from_str(&out).expect("scrub JSON");
+        assert!(found["checked"].as_u64().unwrap_or(0) > 0, "{found}");
+        assert_eq!(found["corrupt"], 0, "{found}");
+    }
+    assert!(
+        a.field("scrub").starts_with("every 24 h"),
+        "{}",
+        a.field("scrub")
+    );
+
     // With A gone, B is one of two voters: no majority, no leader, nothing
     // commits; its copy still serves.
     a.kill9();

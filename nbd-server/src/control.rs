@@ -70,6 +70,9 @@ pub enum ControlRequest {
         /// The caller's group.
         gid: u32,
     },
+    /// Check every sector of the member's store (checksums, signatures,
+    /// Merkle trees) and repair the damaged ones from the other members.
+    Scrub,
 }
 
 /// A member of the cluster, as a server reports it.
@@ -110,6 +113,17 @@ pub struct ClusterEntry {
     pub directory: String,
 }
 
+/// What a scrub found and did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScrubEntry {
+    /// Sectors checked.
+    pub checked: u64,
+    /// Sectors found damaged.
+    pub corrupt: u64,
+    /// Damaged sectors replaced by another member's copy.
+    pub repaired: u64,
+}
+
 /// What the control socket asks of the server besides its volumes: its
 /// cluster member and its file system.
 pub trait ServerControl: Send + Sync {
@@ -119,6 +133,8 @@ pub trait ServerControl: Send + Sync {
     fn leave(&self) -> Result<(), String>;
     /// Grants `reader` a readcap on `path` as user `uid`/`gid`; returns the inode.
     fn grant_readcap(&self, path: &str, reader: &[u8], uid: u32, gid: u32) -> Result<u64, String>;
+    /// Scrubs the member's store (see [`ControlRequest::Scrub`]).
+    fn scrub(&self) -> Result<ScrubEntry, String>;
 }
 
 /// A volume as the server reports it.
@@ -156,6 +172,8 @@ pub enum ControlReply {
     Left,
     /// The readcap was granted (and is durable) on this inode.
     Granted(u64),
+    /// The scrub is done.
+    Scrubbed(ScrubEntry),
     /// The request was refused or failed; the message says why.
     Refused(String),
 }
@@ -248,7 +266,7 @@ pub fn write_frame(writer: &mut impl Write, body: &[u8]) -> Result<(), ControlEr
 }
 
 #[cfg(feature = "server")]
-pub use socket::{ControlServer, call};
+pub use socket::{ControlServer, call, call_waiting};
 
 #[cfg(feature = "server")]
 mod socket {
@@ -369,6 +387,9 @@ mod socket {
             }) => cluster
                 .grant_readcap(&path, &reader, uid, gid)
                 .map_or_else(ControlReply::Refused, ControlReply::Granted),
+            Ok(ControlRequest::Scrub) => cluster
+                .scrub()
+                .map_or_else(ControlReply::Refused, ControlReply::Scrubbed),
             Ok(request) => perform(volumes, request),
             // A malformed request gets an answer saying so; the server goes on.
             Err(error) => ControlReply::Refused(error.to_string()),
@@ -408,7 +429,8 @@ mod socket {
                 .map(|volume| ControlReply::Deleted(entry(volumes, volume))),
             ControlRequest::ClusterStatus
             | ControlRequest::LeaveCluster
-            | ControlRequest::GrantReadcap { .. } => {
+            | ControlRequest::GrantReadcap { .. }
+            | ControlRequest::Scrub => {
                 return ControlReply::Refused("not a volume request".into());
             }
         };
@@ -417,9 +439,19 @@ mod socket {
 
     /// Sends `request` to the server listening on `path` and returns its reply.
     pub fn call(path: &Path, request: &ControlRequest) -> Result<ControlReply, ControlError> {
+        call_waiting(path, request, REPLY_TIMEOUT)
+    }
+
+    /// [`call`], waiting up to `reply_timeout` for the answer (a scrub reads
+    /// the whole store first).
+    pub fn call_waiting(
+        path: &Path,
+        request: &ControlRequest,
+        reply_timeout: Duration,
+    ) -> Result<ControlReply, ControlError> {
         let mut stream = UnixStream::connect(path)?;
         stream.set_write_timeout(Some(REQUEST_TIMEOUT))?;
-        stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
+        stream.set_read_timeout(Some(reply_timeout))?;
         write_frame(&mut stream, &encode_request(request))?;
         decode_reply(&read_frame(&mut stream)?)
     }

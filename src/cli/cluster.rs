@@ -1,4 +1,4 @@
-//! `blocktree cluster status` and `blocktree leave`: the running server's
+//! `blocktree cluster status`, `cluster scrub` and `blocktree leave`: the running server's
 //! sector-service cluster, reached through its control socket, and the
 //! [`ServerControl`] that `up` gives the control socket.
 //!
@@ -11,7 +11,8 @@ use anyhow::{Context, Result, anyhow, bail};
 use blocktree_core::keys::EncryptionPublicKey;
 use blocktree_fs::{Caller, FileSystem};
 use blocktree_nbd::control::{
-    self, CONTROL_SOCKET, ClusterEntry, ControlReply, ControlRequest, MemberEntry, ServerControl,
+    self, CONTROL_SOCKET, ClusterEntry, ControlReply, ControlRequest, MemberEntry, ScrubEntry,
+    ServerControl,
 };
 use blocktree_raftlog::{ClusterStatus, RaftService};
 use clap::{Args, Subcommand};
@@ -33,6 +34,10 @@ enum ClusterCommand {
     /// Print the members, the leader, the term and the commit index of the
     /// running server's cluster.
     Status(StatusArgs),
+    /// Check every sector of the running server's copy (checksums, metadata
+    /// signatures, Merkle trees) and replace damaged ones with another member's
+    /// copy. `up` also scrubs on its own every --scrub-interval.
+    Scrub(StatusArgs),
 }
 
 /// Arguments of `blocktree cluster status`.
@@ -85,7 +90,44 @@ fn call(data: &Path, request: ControlRequest) -> Result<ControlReply> {
 pub fn run(args: ClusterArgs) -> Result<()> {
     match args.command {
         ClusterCommand::Status(args) => status(&args),
+        ClusterCommand::Scrub(args) => scrub(&args),
     }
+}
+
+/// How long `cluster scrub` waits for the server: it reads the whole store.
+const SCRUB_WAIT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+fn scrub(args: &StatusArgs) -> Result<()> {
+    let socket = socket_of(&args.data)?;
+    let reply =
+        control::call_waiting(&socket, &ControlRequest::Scrub, SCRUB_WAIT).with_context(|| {
+            format!(
+                "the blocktree server did not answer on {}",
+                socket.display()
+            )
+        })?;
+    let found = match reply {
+        ControlReply::Scrubbed(found) => found,
+        ControlReply::Refused(reason) => bail!("scrub failed: {reason}"),
+        other => bail!("unexpected answer from the server: {other:?}"),
+    };
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "checked": found.checked,
+                "corrupt": found.corrupt,
+                "repaired": found.repaired,
+            })
+        );
+        return Ok(());
+    }
+    let mut report = Report::new();
+    report
+        .field("sectors checked", found.checked)
+        .field("corrupt", found.corrupt)
+        .field("repaired", found.repaired);
+    report.print()
 }
 
 fn status(args: &StatusArgs) -> Result<()> {
@@ -245,6 +287,15 @@ pub fn cluster_entry(status: &ClusterStatus) -> ClusterEntry {
 impl ServerControl for ServiceControl {
     fn status(&self) -> Result<ClusterEntry, String> {
         Ok(cluster_entry(&self.service.status()))
+    }
+
+    fn scrub(&self) -> Result<ScrubEntry, String> {
+        let found = self.service.scrub().map_err(|error| error.to_string())?;
+        Ok(ScrubEntry {
+            checked: found.sectors_checked,
+            corrupt: found.corrupt,
+            repaired: found.repaired,
+        })
     }
 
     fn leave(&self) -> Result<(), String> {

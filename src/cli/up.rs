@@ -28,6 +28,7 @@ use clap::{Args, ValueEnum};
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::absolute;
 use super::cluster::{ServiceControl, cluster_entry};
@@ -127,6 +128,11 @@ pub struct UpArgs {
     /// default reads are linearizable: each sees every write acknowledged before it.
     #[arg(long)]
     follower_reads: bool,
+    /// Scrub the store every HOURS: check every sector (checksums, signatures,
+    /// Merkle trees) and replace damaged ones with another member's copy; 0 never
+    /// does (`blocktree cluster scrub` runs one at any time).
+    #[arg(long, value_name = "HOURS", default_value_t = 24)]
+    scrub_interval: u64,
     /// Log level of the server's messages on stderr: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     log: LogLevel,
@@ -386,6 +392,19 @@ fn serve(args: UpArgs, membership: Membership) -> Result<()> {
         ..ServerConfig::default()
     };
     let control_path = args.data.join(CONTROL_SOCKET);
+    if args.scrub_interval > 0 {
+        let every = Duration::from_secs(args.scrub_interval.saturating_mul(3600));
+        scrub_periodically(Arc::downgrade(&service), every);
+        report.field(
+            "scrub",
+            format!(
+                "every {} h (`blocktree cluster scrub` runs one now)",
+                args.scrub_interval
+            ),
+        );
+    } else {
+        report.field("scrub", "only when asked (`blocktree cluster scrub`)");
+    }
     let cluster = Arc::new(ServiceControl::new(service.clone(), fs.clone()));
     let control = ControlServer::start(&control_path, volumes.clone(), cluster.clone())
         .with_context(|| {
@@ -455,6 +474,37 @@ fn serve(args: UpArgs, membership: Membership) -> Result<()> {
     }
     println!("stopped: every write is durable");
     Ok(())
+}
+
+/// Scrubs the store every `every` while it is open, in a thread of its own
+/// (holding the service only while it scrubs, so a stopping server is not kept
+/// open by the wait), and logs what each scrub found.
+fn scrub_periodically(service: std::sync::Weak<RaftService>, every: Duration) {
+    let spawned = std::thread::Builder::new()
+        .name("scrub".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(every);
+                let Some(service) = service.upgrade() else {
+                    return;
+                };
+                match service.scrub() {
+                    Ok(found) if found.corrupt > 0 => tracing::warn!(
+                        checked = found.sectors_checked,
+                        corrupt = found.corrupt,
+                        repaired = found.repaired,
+                        "scrub found damaged sectors"
+                    ),
+                    Ok(found) => {
+                        tracing::info!(checked = found.sectors_checked, "scrub: no damage")
+                    }
+                    Err(error) => tracing::warn!("scrub failed: {error}"),
+                }
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::warn!("cannot start the scrub thread: {error}");
+    }
 }
 
 /// The `cluster:` line of the report.
