@@ -487,6 +487,7 @@ mod tests {
                 uid: 0,
                 gid: 0,
             },
+            ControlRequest::Scrub,
         ];
         for request in requests {
             let mut wire = Vec::new();
@@ -520,6 +521,12 @@ mod tests {
             directory: "/root".into(),
         });
         assert_eq!(decode_reply(&encode_reply(&cluster)).unwrap(), cluster);
+        let scrubbed = ControlReply::Scrubbed(ScrubEntry {
+            checked: 262_147,
+            corrupt: 2,
+            repaired: 2,
+        });
+        assert_eq!(decode_reply(&encode_reply(&scrubbed)).unwrap(), scrubbed);
     }
 
     #[test]
