@@ -139,12 +139,7 @@ fn three_servers_replicate_fail_over_catch_up_and_one_leaves() {
     let first = Data::new();
     let a = first.up(&["--listen", "127.0.0.1:0"]);
     let a_listen = listen_of(&a);
-    let root = a
-        .field("root principal")
-        .split(' ')
-        .next()
-        .expect("a principal")
-        .to_owned();
+    let root = root_of(&a);
     let alone = status(&first);
     let a_node = alone["node"].clone();
     assert_eq!(alone["role"], "Leader", "{alone}");
@@ -239,6 +234,26 @@ fn three_servers_replicate_fail_over_catch_up_and_one_leaves() {
     drop(a);
 }
 
+/// Runs `blocktree up` for `data` with `extra`, which must fail; returns its
+/// stderr.
+fn refused_up(data: &Data, extra: &[&str]) -> String {
+    let data_dir = arg(&data.data());
+    let mut args = vec!["up", "--data", &data_dir, "--nbd", "127.0.0.1:0"];
+    args.extend_from_slice(extra);
+    let output = data.blocktree_output(&args);
+    assert!(!output.status.success(), "up {extra:?} did not fail");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// The root principal in `up`'s report.
+fn root_of(up: &Up) -> String {
+    up.field("root principal")
+        .split(' ')
+        .next()
+        .expect("a principal")
+        .to_owned()
+}
+
 /// The generation number in `up`'s report (`generation: N (directory D)`).
 fn generation_of(up: &Up) -> (u64, String) {
     let line = up.field("generation");
@@ -254,21 +269,13 @@ fn directories_below_the_root_get_their_generation_numbers_from_the_root_cluster
     let first = Data::new();
     let a = first.up(&["--listen", "127.0.0.1:0"]);
     let a_listen = listen_of(&a);
-    let root = a
-        .field("root principal")
-        .split(' ')
-        .next()
-        .expect("a principal")
-        .to_owned();
+    let root = root_of(&a);
     assert_eq!(generation_of(&a), (1, format!("/{root}")));
 
     // A server of /<root>/b cannot number its new store itself.
     let (second, third, fourth) = (Data::new(), Data::new(), Data::new());
     grant(&first, &second, &root, "b");
-    let refused =
-        second.blocktree_output(&["up", "--data", &arg(&second.data()), "--nbd", "127.0.0.1:0"]);
-    assert!(!refused.status.success());
-    let stderr = String::from_utf8_lossy(&refused.stderr);
+    let stderr = refused_up(&second, &[]);
     assert!(
         stderr.contains(&format!("/{root}/b")) && stderr.contains("--root-cluster"),
         "{stderr}"
@@ -286,17 +293,7 @@ fn directories_below_the_root_get_their_generation_numbers_from_the_root_cluster
     // Only the root directory's cluster hands numbers out.
     grant(&first, &third, &root, "c");
     let b_listen = listen_of(&b);
-    let wrong = third.blocktree_output(&[
-        "up",
-        "--data",
-        &arg(&third.data()),
-        "--nbd",
-        "127.0.0.1:0",
-        "--root-cluster",
-        &b_listen,
-    ]);
-    assert!(!wrong.status.success());
-    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    let stderr = refused_up(&third, &["--root-cluster", &b_listen]);
     // (b's cluster does not even take requests from outside its directory.)
     assert!(
         stderr.contains(&format!("/{root}/c is not in /{root}/b")),
@@ -320,17 +317,7 @@ fn directories_below_the_root_get_their_generation_numbers_from_the_root_cluster
     assert_eq!(read_through(&b.address(), 0, written.len()), written);
 
     // A new store cannot be numbered while the root's cluster is down.
-    let down = fourth.blocktree_output(&[
-        "up",
-        "--data",
-        &arg(&fourth.data()),
-        "--nbd",
-        "127.0.0.1:0",
-        "--root-cluster",
-        &a_listen,
-    ]);
-    assert!(!down.status.success());
-    let stderr = String::from_utf8_lossy(&down.stderr);
+    let stderr = refused_up(&fourth, &["--root-cluster", &a_listen]);
     assert!(
         stderr.contains(&format!("asking /{root}'s cluster at {a_listen}")),
         "{stderr}"
@@ -344,12 +331,7 @@ fn a_server_with_follower_reads_serves_its_copy_even_without_a_majority() {
     let first = Data::new();
     let a = first.up(&["--listen", "127.0.0.1:0"]);
     let a_listen = listen_of(&a);
-    let root = a
-        .field("root principal")
-        .split(' ')
-        .next()
-        .expect("a principal")
-        .to_owned();
+    let root = root_of(&a);
     assert!(a.field("reads").starts_with("linearizable"));
     let second = Data::new();
     grant(&first, &second, &root, "");
