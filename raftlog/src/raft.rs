@@ -2319,9 +2319,18 @@ pub(crate) async fn update_member(
     match membership.get_node(&node) {
         None => return RaftReply::Refused(format!("{node:016x} is not a member")),
         Some(recorded) if *recorded == member => return RaftReply::Done,
-        // Only the member itself: others may hold a writecap for the same
-        // path (every server of the directory that signs writes does).
+        // Only the member itself: the same id, or (for a member created
+        // without network, whose id is random) the runtime path it proved,
+        // when no other member holds that path (every server of the
+        // directory that signs writes holds the directory's).
         Some(_) if node == sender => {}
+        Some(recorded)
+            if recorded.path == member.path
+                && membership
+                    .nodes()
+                    .filter(|(_, other)| other.path == member.path)
+                    .count()
+                    == 1 => {}
         Some(_) => {
             return RaftReply::Refused(format!(
                 "only member {node:016x} itself may change its address"
