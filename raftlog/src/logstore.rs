@@ -246,26 +246,102 @@ impl EngineLogStore {
             .read_state(PURGED_SECTOR, RaftKind::LogId)
             .await
             .map_err(read_logs_error)?;
-        let first = last_purged.map_or(0, |id| id.index + 1);
+        let mut first = last_purged.map_or(0, |id| id.index + 1);
+        let mut last_purged = last_purged;
+        let applied = store.inner.machine.applied().last_applied;
         let mut held = VecDeque::new();
         let mut next = first;
+        // The first damaged entry among those the state machine has applied.
+        let mut damaged: Option<(u64, String)> = None;
+        let mut note_damage = |index: u64, reason: String| {
+            if applied.is_some_and(|applied| index <= applied.index) {
+                damaged.get_or_insert((index, reason));
+                Ok(())
+            } else {
+                Err(format!(
+                    "raft log entry {index}, not yet applied here, is damaged ({reason}): this \
+                     member's log cannot be trusted; move its data directory's sectors aside \
+                     and join the cluster again"
+                ))
+            }
+        };
         'scan: loop {
             let reads: Vec<_> = (next..next + SCAN_BATCH)
                 .map(|index| store.inner.engine.read(store.part_id(index, 0)))
                 .collect();
             for read in reads {
-                match read.await.map_err(read_logs_error)? {
-                    Some(bytes) => {
-                        let (count, rest) = parse_first_part(&bytes).map_err(read_logs_error)?;
-                        held.push_back(Held {
-                            parts: count,
-                            bytes: (u64::from(count) - 1) * PART_BYTES as u64 + rest.len() as u64,
-                        });
-                        next += 1;
+                let (parts, bytes) = match read.await {
+                    Ok(None) => break 'scan,
+                    Ok(Some(bytes)) => match parse_first_part(&bytes) {
+                        Ok((count, rest)) => (
+                            count,
+                            (u64::from(count) - 1) * PART_BYTES as u64 + rest.len() as u64,
+                        ),
+                        Err(reason) => {
+                            note_damage(next, reason).map_err(read_logs_error)?;
+                            (1, 0)
+                        }
+                    },
+                    Err(error) => {
+                        note_damage(next, error.to_string()).map_err(read_logs_error)?;
+                        (1, 0)
                     }
-                    None => break 'scan,
+                };
+                held.push_back(Held { parts, bytes });
+                next += 1;
+            }
+        }
+        // The other parts of every entry are read too, so that damage is
+        // found now rather than when a follower needs the entry.
+        for (offset, entry) in held.iter().enumerate() {
+            let index = first + offset as u64;
+            for part in 1..u64::from(entry.parts) {
+                match store.inner.engine.read(store.part_id(index, part)).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => note_damage(index, format!("part {part} is missing"))
+                        .map_err(read_logs_error)?,
+                    Err(error) => note_damage(index, error.to_string()).map_err(read_logs_error)?,
                 }
             }
+        }
+        if let (Some((index, reason)), Some(applied)) = (damaged, applied) {
+            // Everything up to the applied entry is in the state machine: the
+            // log needs none of it here (followers that do get a snapshot),
+            // so it is purged, damaged entries with it, as a purge would.
+            tracing::warn!(
+                "raft log entry {index} is damaged ({reason}); it was applied: purging the log \
+                 through entry {}",
+                applied.index
+            );
+            store
+                .inner
+                .machine
+                .store
+                .engine()
+                .flush()
+                .await
+                .map_err(write_logs_error)?;
+            let upto = (applied.index + 1).max(first);
+            let mut batch = WriteBatch::new();
+            for index in first..upto.min(next) {
+                let parts = held.pop_front().map_or(1, |entry: Held| entry.parts);
+                for part in 0..u64::from(parts) {
+                    batch.delete(store.part_id(index, part));
+                }
+            }
+            batch.put(
+                store.state_id(PURGED_SECTOR),
+                codec::encode(RaftKind::LogId, &applied),
+            );
+            store
+                .inner
+                .engine
+                .write_durable(batch)
+                .await
+                .map_err(write_logs_error)?;
+            last_purged = Some(applied);
+            first = upto;
+            next = next.max(upto);
         }
         let last = if next > first {
             let parts = held.back().map(|held: &Held| held.parts);

@@ -369,13 +369,18 @@ fn directory_of(path: &BtPath) -> BtPath {
 }
 
 /// The path member `node`, whose runtime path is `member_path`, is dialled
-/// at: a child of its runtime path, so its writecap covers it, and one of its
-/// own. Several members may hold writecaps for the same path (every server
-/// that may sign writes holds the directory's), and bttp keeps one route and
-/// one connection per path, so a route keyed by the runtime path alone would
-/// lose all but one of them.
-fn dial_path(member_path: &BtPath, node: NodeId) -> Option<BtPath> {
-    member_path.join(&format!(".raft-{node:016x}")).ok()
+/// at. Every server that may sign writes holds the directory's own writecap,
+/// so several members share that path, and bttp keeps one route and one
+/// connection per path: such a member is dialled at a child of its path (its
+/// writecap covers it) named by its id. A member at a path of its own is
+/// dialled at that path, where the connection it opened to us (after a
+/// restart on another port, say) also serves our calls.
+fn dial_path(directory: &BtPath, member_path: &BtPath, node: NodeId) -> Option<BtPath> {
+    if member_path == directory {
+        member_path.join(&format!(".raft-{node:016x}")).ok()
+    } else {
+        Some(member_path.clone())
+    }
 }
 
 /// The name to call member `node`'s raft service by: the service (its path
@@ -393,7 +398,10 @@ fn service_name(directory: &BtPath, node: NodeId, member: &MemberNode) -> Option
 /// Tells `runtime` where `member` listens, so calls to its raft service route.
 pub(crate) fn add_route(runtime: &Runtime, directory: &BtPath, node: NodeId, member: &MemberNode) {
     let (Some(path), Ok(addr), Some(service)) = (
-        member.path.as_ref().and_then(|path| dial_path(path, node)),
+        member
+            .path
+            .as_ref()
+            .and_then(|path| dial_path(directory, path, node)),
         member.addr.parse(),
         raft_service_path(directory, node),
     ) else {

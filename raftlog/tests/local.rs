@@ -98,3 +98,85 @@ fn the_log_is_kept_within_its_byte_budget_and_reopens() {
         );
     }
 }
+
+/// Flips a byte in the middle of every run of `pattern` in the segment files
+/// below `dir`; returns how many it flipped.
+fn flip_runs(dir: &std::path::Path, pattern: &[u8]) -> usize {
+    let mut flipped = 0;
+    for entry in walk(dir) {
+        if entry.extension().is_none_or(|ext| ext != "seg") {
+            continue;
+        }
+        let mut bytes = std::fs::read(&entry).unwrap();
+        let mut at = 0;
+        let mut changed = false;
+        while let Some(found) = bytes[at..]
+            .windows(pattern.len())
+            .position(|window| window == pattern)
+        {
+            bytes[at + found + pattern.len() / 2] ^= 0x5a;
+            flipped += 1;
+            changed = true;
+            at += found + pattern.len();
+        }
+        if changed {
+            std::fs::write(&entry, &bytes).unwrap();
+        }
+    }
+    flipped
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+/// A damaged entry of the Raft log that the state machine has applied is
+/// purged when the member opens (the sectors hold what it did) instead of
+/// keeping the member from starting.
+#[test]
+fn a_damaged_applied_log_entry_is_purged_at_open() {
+    let domain = Domain::new();
+    let (writer_dir, _) = domain.store(&["cluster"]);
+    let writer = FileCredStore::open(&writer_dir).unwrap();
+    let dir = domain.dir.path().join("local");
+    let info = GenerationInfo {
+        generation: 1,
+        directory: domain.directory(),
+    };
+    let service = RaftService::open_or_create(RaftConfig::new(&dir), || Ok(info.clone())).unwrap();
+    let damaged = one_sector_file(&service, &writer, &[0x5c; 4096]);
+    let other = one_sector_file(&service, &writer, &[0x3e; 4096]);
+    let digest = service.content_digest().unwrap();
+    drop(service);
+
+    // The pattern is in the log's entry and in the sector store: flip only
+    // the log's copy.
+    assert!(flip_runs(&dir.join("raft-log"), &[0x5c; 4096]) >= 1);
+    let service = RaftService::open_or_create(RaftConfig::new(&dir), || unreachable!()).unwrap();
+    assert_eq!(service.content_digest().unwrap(), digest);
+    assert_eq!(
+        service.read_data(damaged, &[0], None).unwrap(),
+        vec![Some(vec![0x5c; 4096])]
+    );
+    assert_eq!(
+        service.read_data(other, &[0], None).unwrap(),
+        vec![Some(vec![0x3e; 4096])]
+    );
+    // The log goes on after the purge, and reopens again.
+    let later = one_sector_file(&service, &writer, &[0x11; 4096]);
+    drop(service);
+    let service = RaftService::open_or_create(RaftConfig::new(&dir), || unreachable!()).unwrap();
+    assert_eq!(
+        service.read_data(later, &[0], None).unwrap(),
+        vec![Some(vec![0x11; 4096])]
+    );
+}
