@@ -72,6 +72,8 @@ const LEADER_READY_WAIT: Duration = Duration::from_secs(5);
 /// How often a forwarded write whose answer was lost (its leader died or was
 /// deposed) is found not applied and sent again before its caller hears of it.
 const UNKNOWN_OUTCOME_RETRIES: u32 = 3;
+/// How many data sectors a scrub reads at once.
+const SCRUB_READS_IN_FLIGHT: u64 = 256;
 /// How many corrupt sectors one read repairs from other members before it
 /// gives up and reports the next.
 const READ_REPAIRS: u32 = 64;
@@ -801,21 +803,33 @@ impl Member {
             } else {
                 None
             };
-            for index in 0..body.sector_count {
-                checked += 1;
-                match engine.read(id(inode, SectorKind::Data(index))).await {
-                    Err(_) => corrupt.push((inode, SectorKind::Data(index))),
-                    // A missing record is a hole, whose leaf is the empty one's.
-                    Ok(record) => {
-                        if let Some(tree) = &tree {
-                            let leaf =
-                                MerkleTree::leaf_hash(algorithm, record.as_deref().unwrap_or(&[]));
-                            if tree.leaf(index) != Some(leaf) {
-                                corrupt.push((inode, SectorKind::Data(index)));
+            // Many reads in flight at once, so the engine batches them into
+            // its rings (one at a time, an empty 1 GiB volume took 6 s).
+            let mut start = 0;
+            while start < body.sector_count {
+                let end = body.sector_count.min(start + SCRUB_READS_IN_FLIGHT);
+                let reads: Vec<_> = (start..end)
+                    .map(|index| (index, engine.read(id(inode, SectorKind::Data(index)))))
+                    .collect();
+                for (index, read) in reads {
+                    checked += 1;
+                    match read.await {
+                        Err(_) => corrupt.push((inode, SectorKind::Data(index))),
+                        // A missing record is a hole, whose leaf is the empty one's.
+                        Ok(record) => {
+                            if let Some(tree) = &tree {
+                                let leaf = MerkleTree::leaf_hash(
+                                    algorithm,
+                                    record.as_deref().unwrap_or(&[]),
+                                );
+                                if tree.leaf(index) != Some(leaf) {
+                                    corrupt.push((inode, SectorKind::Data(index)));
+                                }
                             }
                         }
                     }
                 }
+                start = end;
             }
         }
         (checked, corrupt)
