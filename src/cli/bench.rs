@@ -1418,6 +1418,7 @@ struct StatsReport {
     disk_bytes: u64,
     segments: u64,
     index_bytes: u64,
+    moved_bytes: u64,
 }
 
 impl From<&EngineStats> for StatsReport {
@@ -1428,6 +1429,7 @@ impl From<&EngineStats> for StatsReport {
             disk_bytes: stats.disk_bytes,
             segments: stats.segments,
             index_bytes: stats.index_bytes,
+            moved_bytes: stats.moved_bytes,
         }
     }
 }
@@ -1568,7 +1570,7 @@ impl SectorsReport {
             .field(
                 "engine",
                 format!(
-                    "{} shards, {}; {} live sectors, {} on disk in {}, index {}",
+                    "{} shards, {}; {} live sectors, {} on disk in {}, index {}, {} moved by compaction",
                     self.shards,
                     if self.direct_io {
                         "O_DIRECT"
@@ -1578,7 +1580,8 @@ impl SectorsReport {
                     group_digits(self.engine.live_sectors),
                     binary_size(self.engine.disk_bytes),
                     plural(self.engine.segments, "segment"),
-                    binary_size(self.engine.index_bytes)
+                    binary_size(self.engine.index_bytes),
+                    binary_size(self.engine.moved_bytes)
                 ),
             );
         header.print()?;

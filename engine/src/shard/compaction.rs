@@ -4,8 +4,8 @@
 //! A segment is a victim when less than half of what was written into it is
 //! still live. A victim with nothing live costs nothing to reclaim and is taken at
 //! once; copying the live records out of a partly dead one costs a write for each,
-//! so that waits until the shard's segments hold more than [`MAX_AMPLIFICATION`]
-//! times its live bytes, or until a write found no room. Records overwritten soon
+//! so that waits until the shard's segments holding anything live hold more than
+//! [`MAX_AMPLIFICATION`] times its live bytes, or until a write found no room. Records overwritten soon
 //! after they were written (a sequential rewrite, a journal) then die in place
 //! instead of being copied first: log-structured cleaning's cost-benefit rule. A segment may be compacted only once a committed checkpoint lies after it:
 //! recovery then never needs to scan it, and every record it still holds that
@@ -98,9 +98,15 @@ impl Shard {
         if self.compaction.space_pressure {
             return true;
         }
+        // Segments with nothing live are left out: wholly dead ones cost no copy
+        // and go as soon as a checkpoint covers them, and ones whose writes are
+        // still in flight are not dead at all. Neither says anything about
+        // fragmentation; counted, a sequential rewrite crosses the limit and
+        // copies records about to die (a third of its write bandwidth).
         let (written, live) = self
             .segments
             .values()
+            .filter(|s| s.live_bytes > 0)
             .fold((0u64, 0u64), |(w, l), s| (w + s.written, l + s.live_bytes));
         written > live.saturating_mul(MAX_AMPLIFICATION)
     }

@@ -146,6 +146,7 @@ pub(crate) struct ShardStats {
     pub disk_bytes: u64,
     pub segments: u64,
     pub index_bytes: u64,
+    pub moved_bytes: u64,
 }
 
 enum Buffer {
@@ -533,6 +534,7 @@ impl Shard {
             disk_bytes: self.segments.values().map(|s| s.size).sum(),
             segments: self.segments.len() as u64,
             index_bytes: self.index.heap_bytes() as u64,
+            moved_bytes: self.compaction.moved_bytes,
         }
     }
 
