@@ -779,6 +779,62 @@ mod tests {
         engine.shutdown().unwrap();
     }
 
+    #[test]
+    fn the_next_segment_is_laid_out_while_the_active_one_fills() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = EngineConfig::new(dir.path());
+        config.shards = 1;
+        config.segment_bytes = 4 << 20;
+        config.chunk_bytes = 256 << 10;
+        let engine = Engine::create(config.clone(), 1).unwrap();
+        let shard_dir = crate::segment::shard_dir(dir.path(), 0);
+        let spares = || {
+            std::fs::read_dir(&shard_dir)
+                .unwrap()
+                .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+                .filter(|name| name.starts_with("spare-new-"))
+                .collect::<Vec<_>>()
+        };
+        let write = |from: u64, to: u64| {
+            let mut batch = WriteBatch::new();
+            for index in from..to {
+                batch.put(id(5, index), vec![index as u8; 4096]);
+            }
+            engine.write_durable(batch).wait().unwrap();
+        };
+        // A quarter of the first segment: nothing is laid out yet.
+        write(0, 256);
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(spares().is_empty(), "laid out too early: {:?}", spares());
+        // Past half: the next segment is laid out, in idle time if need be.
+        write(256, 600);
+        let mut laid_out = Vec::new();
+        for _ in 0..100 {
+            laid_out = spares();
+            if !laid_out.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(laid_out.len(), 1, "no spare was laid out");
+        let spare = shard_dir.join(&laid_out[0]);
+        assert_eq!(std::fs::metadata(&spare).unwrap().len(), 4 << 20);
+        // Filling the first segment opens the laid-out file as the second.
+        write(600, 1100);
+        assert!(!spare.exists(), "the laid-out spare was not used");
+        assert!(crate::segment::segment_path(&shard_dir, 2).exists());
+        engine.shutdown().unwrap();
+        drop(engine);
+        let engine = Engine::open(config).unwrap();
+        for index in [0, 599, 1099] {
+            assert_eq!(
+                engine.read(id(5, index)).wait().unwrap(),
+                Some(vec![index as u8; 4096])
+            );
+        }
+        engine.shutdown().unwrap();
+    }
+
     /// Appends a chunk holding a Put of `target` to the end of its shard's last
     /// segment, stamped with `log_id`.
     fn plant_chunk(dir: &std::path::Path, shards: usize, target: &SectorId, log_id: u64) {

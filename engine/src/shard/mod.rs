@@ -23,6 +23,7 @@ use crossbeam_channel::{Receiver, TryRecvError};
 use io_uring::{opcode, types};
 
 mod compaction;
+mod layout;
 mod wake;
 
 pub(crate) use wake::{ShardHandle, Wake};
@@ -201,6 +202,10 @@ enum Op {
         reply: ReadReply,
     },
     Fsync,
+    /// A write of zeros laying out a spare segment (layout.rs).
+    Zero {
+        len: u32,
+    },
 }
 
 struct SyncRound {
@@ -254,8 +259,10 @@ struct Shard {
     wake_armed: bool,
     wake_buffer: Box<[u8; 8]>,
     log_id: u64,
-    /// Retired segment files to write new segments into (see `Segment::reuse`).
+    /// Retired or laid-out segment files to write new segments into (see
+    /// `Segment::reuse`).
     spares: Vec<(PathBuf, u64)>,
+    layout: layout::Layout,
 }
 
 /// The shard thread's body.
@@ -379,6 +386,7 @@ impl Shard {
             wake_buffer: Box::new([0u8; 8]),
             log_id: state.log_id,
             spares: state.spares,
+            layout: layout::Layout::default(),
             config,
         })
     }
@@ -399,11 +407,12 @@ impl Shard {
                     done(Ok(()));
                     return Ok(());
                 }
-                if self.compaction_pending() {
+                if self.compaction_pending() || self.layout_pending() {
                     match requests.recv_timeout(compaction::IDLE_TICK) {
                         Ok(request) => self.handle(request),
                         Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
                             self.compaction.credit_idle();
+                            self.layout.credit_idle();
                         }
                         Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return Ok(()),
                     }
@@ -429,6 +438,7 @@ impl Shard {
             self.drain_queues();
             self.compact_step();
             self.finish_chunk();
+            self.layout_step();
             self.start_sync();
             if self.in_flight > 0 {
                 self.arm_wake();
@@ -561,6 +571,7 @@ impl Shard {
                 .map(|(_, data)| data.as_ref().map_or(0, Bytes::len))
                 .sum();
             self.compaction.credit_user_write(bytes);
+            self.layout.credit_user_write(bytes);
             if let Err(part) = self.add_part(part) {
                 self.queued_writes.push_front(part);
                 break;
@@ -848,7 +859,13 @@ impl Shard {
                 let (spare, _) = self.spares.swap_remove(index);
                 Segment::reuse(&self.dir, &spare, self.next_segment, self.config.direct_io)?
             }
-            None => Segment::create(&self.dir, self.next_segment, size, self.config.direct_io)?,
+            None => match self.take_layout_target() {
+                Some(spare) => {
+                    Segment::reuse(&self.dir, &spare, self.next_segment, self.config.direct_io)?
+                }
+                None => Segment::create(&self.dir, self.next_segment, size, self.config.direct_io)
+                    .inspect_err(|_| self.abandon_layout())?,
+            },
         };
         let id = segment.id;
         self.next_segment += 1;
@@ -1012,6 +1029,7 @@ impl Shard {
                 Op::WriteChunk { .. } => "writing a chunk to",
                 Op::Read { .. } => "reading",
                 Op::Fsync => "fdatasync of",
+                Op::Zero { .. } => "writing zeros to",
             };
             let path = self.dir.clone();
             self.complete_with_error(op, EngineError::io(context, path)(error));
@@ -1071,6 +1089,7 @@ impl Shard {
                 let _ = reply.send(outcome);
             }
             Op::Fsync => self.sync_done(Ok(())),
+            Op::Zero { len } => self.zeroed(len, Ok(result as u32)),
         }
     }
 
@@ -1091,6 +1110,7 @@ impl Shard {
                 let _ = reply.send(Err(error));
             }
             Op::Fsync => self.sync_done(Err(error)),
+            Op::Zero { len } => self.zeroed(len, Err(error)),
         }
     }
 
