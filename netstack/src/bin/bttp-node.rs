@@ -58,13 +58,13 @@ struct ServeArgs {
     #[arg(long, default_value = "750")]
     mode: String,
     /// A principal's attributes, PRINCIPAL=UID:GID[,GROUP...]; repeatable.
-    #[arg(long = "attrs")]
+    #[arg(long = "attrs", allow_hyphen_values = true)]
     attrs: Vec<String>,
     /// Another domain whose runtimes may connect; repeatable.
-    #[arg(long = "trust")]
+    #[arg(long = "trust", allow_hyphen_values = true)]
     trust: Vec<PrincipalId>,
     /// A revoked principal; repeatable.
-    #[arg(long = "revoke")]
+    #[arg(long = "revoke", allow_hyphen_values = true)]
     revoke: Vec<PrincipalId>,
     /// The path of the echo service.
     #[arg(long)]
