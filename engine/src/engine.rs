@@ -584,13 +584,33 @@ mod tests {
         }
     }
 
+    /// A config for a small test store in `dir`.
+    fn small(
+        dir: &std::path::Path,
+        shards: usize,
+        segment_bytes: u64,
+        chunk_bytes: usize,
+    ) -> EngineConfig {
+        let mut config = EngineConfig::new(dir);
+        config.shards = shards;
+        config.segment_bytes = segment_bytes;
+        config.chunk_bytes = chunk_bytes;
+        config
+    }
+
+    /// Writes 4 KiB of `byte` to each sector `index` of inode 7, as one batch.
+    fn fill_sectors(engine: &Engine, indices: impl Iterator<Item = u64>, byte: u8) {
+        let mut batch = WriteBatch::new();
+        for index in indices {
+            batch.put(id(7, index), vec![byte; 4096]);
+        }
+        engine.write(batch).wait().unwrap();
+    }
+
     #[test]
     fn write_read_reopen() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = EngineConfig::new(dir.path());
-        config.shards = 2;
-        config.segment_bytes = 4 << 20;
-        config.chunk_bytes = 256 << 10;
+        let config = small(dir.path(), 2, 4 << 20, 256 << 10);
         let engine = Engine::create(config.clone(), 7).unwrap();
         let mut batch = WriteBatch::new();
         for index in 0..100 {
@@ -648,10 +668,7 @@ mod tests {
     #[test]
     fn compaction_reclaims_dead_segments_and_keeps_data() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = EngineConfig::new(dir.path());
-        config.shards = 2;
-        config.segment_bytes = 512 << 10;
-        config.chunk_bytes = 128 << 10;
+        let config = small(dir.path(), 2, 512 << 10, 128 << 10);
         let engine = Engine::create(config.clone(), 1).unwrap();
         // Overwrite the same 64 sectors many times: most segments end up dead.
         for round in 0..40u8 {
@@ -687,22 +704,12 @@ mod tests {
     #[test]
     fn partly_dead_segments_are_copied_only_past_the_amplification_limit() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = EngineConfig::new(dir.path());
-        config.shards = 1;
-        config.segment_bytes = 512 << 10;
-        config.chunk_bytes = 128 << 10;
+        let config = small(dir.path(), 1, 512 << 10, 128 << 10);
         let engine = Engine::create(config, 1).unwrap();
-        let write = |indices: &mut dyn Iterator<Item = u64>, byte: u8| {
-            let mut batch = WriteBatch::new();
-            for index in indices {
-                batch.put(id(7, index), vec![byte; 4096]);
-            }
-            engine.write(batch).wait().unwrap();
-        };
-        write(&mut (0..256), 1);
+        fill_sectors(&engine, 0..256, 1);
         // Two thirds rewritten: every old segment is a third live, a victim, but
         // the shard holds well under twice its live bytes.
-        write(&mut (0..256).filter(|index| index % 3 != 0), 2);
+        fill_sectors(&engine, (0..256).filter(|index| index % 3 != 0), 2);
         engine.flush().wait().unwrap();
         engine.checkpoint().unwrap();
         let before = engine.stats().unwrap();
@@ -736,28 +743,18 @@ mod tests {
     #[test]
     fn wholly_dead_segments_do_not_count_towards_the_amplification_limit() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = EngineConfig::new(dir.path());
-        config.shards = 1;
-        config.segment_bytes = 512 << 10;
-        config.chunk_bytes = 128 << 10;
+        let config = small(dir.path(), 1, 512 << 10, 128 << 10);
         let engine = Engine::create(config, 1).unwrap();
-        let write = |indices: &mut dyn Iterator<Item = u64>, byte: u8| {
-            let mut batch = WriteBatch::new();
-            for index in indices {
-                batch.put(id(7, index), vec![byte; 4096]);
-            }
-            engine.write(batch).wait().unwrap();
-        };
         // Segments a third live, behind a checkpoint: victims, but under the limit.
-        write(&mut (0..256), 1);
-        write(&mut (0..256).filter(|index| index % 3 != 0), 2);
+        fill_sectors(&engine, 0..256, 1);
+        fill_sectors(&engine, (0..256).filter(|index| index % 3 != 0), 2);
         engine.flush().wait().unwrap();
         engine.checkpoint().unwrap();
         // Then a sequential rewrite, as of a volume: the first pass's segments die
         // whole, but no checkpoint covers them yet. Counting them, the shard holds
         // over twice its live bytes; without them, well under.
-        write(&mut (1000..1256), 3);
-        write(&mut (1000..1256), 4);
+        fill_sectors(&engine, 1000..1256, 3);
+        fill_sectors(&engine, 1000..1256, 4);
         engine.flush().wait().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(500));
         let after = engine.stats().unwrap();
@@ -782,10 +779,7 @@ mod tests {
     #[test]
     fn the_next_segment_is_laid_out_while_the_active_one_fills() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = EngineConfig::new(dir.path());
-        config.shards = 1;
-        config.segment_bytes = 4 << 20;
-        config.chunk_bytes = 256 << 10;
+        let config = small(dir.path(), 1, 4 << 20, 256 << 10);
         let engine = Engine::create(config.clone(), 1).unwrap();
         let shard_dir = crate::segment::shard_dir(dir.path(), 0);
         let spares = || {
@@ -875,10 +869,7 @@ mod tests {
     #[test]
     fn recovery_accepts_only_chunks_with_the_store_log_id() {
         let dir = tempfile::tempdir().unwrap();
-        let mut config = EngineConfig::new(dir.path());
-        config.shards = 2;
-        config.segment_bytes = 1 << 20;
-        config.chunk_bytes = 256 << 10;
+        let config = small(dir.path(), 2, 1 << 20, 256 << 10);
         let engine = Engine::create(config.clone(), 1).unwrap();
         let mut batch = WriteBatch::new();
         batch.put(id(1, 0), vec![1; 100]);
