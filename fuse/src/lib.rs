@@ -104,6 +104,14 @@ pub struct Unmounter {
 }
 
 impl Unmounter {
+    /// Whether [`Unmounter::unmount`] was called.
+    fn requested(&self) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none()
+    }
+
     /// Unmounts. The kernel first sends back every write it still caches. If the
     /// mount is busy (a file is open or a process works in it), it is detached
     /// instead (lazy unmount): gone from the namespace at once, and served until
@@ -188,6 +196,19 @@ impl MountHandle {
             return Ok(());
         };
         let ended = match session.join() {
+            Ok(Err(error))
+                if error.raw_os_error() == Some(libc::ECONNABORTED)
+                    && self.unmounter.requested() =>
+            {
+                // We asked for the unmount; the kernel tore the connection down
+                // before the session read its end (ENODEV). The session is over
+                // all the same, and what is buffered is synced below.
+                tracing::info!(
+                    "the kernel aborted the FUSE connection on {} while it was unmounted",
+                    self.mountpoint.display()
+                );
+                Ok(())
+            }
             Ok(ended) => ended,
             Err(_) => Err(io::Error::other("a FUSE worker thread panicked")),
         };
