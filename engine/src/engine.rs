@@ -701,17 +701,23 @@ mod tests {
         engine.shutdown().unwrap();
     }
 
-    #[test]
-    fn partly_dead_segments_are_copied_only_past_the_amplification_limit() {
-        let dir = tempfile::tempdir().unwrap();
-        let config = small(dir.path(), 1, 512 << 10, 128 << 10);
-        let engine = Engine::create(config, 1).unwrap();
+    /// A one-shard store whose segments are a third live, behind a checkpoint:
+    /// sectors 0..256 of inode 7 written with 1, then two thirds of them with 2.
+    /// Every old segment is a victim, but the shard holds well under twice its
+    /// live bytes.
+    fn third_live_store(dir: &std::path::Path) -> Engine {
+        let engine = Engine::create(small(dir, 1, 512 << 10, 128 << 10), 1).unwrap();
         fill_sectors(&engine, 0..256, 1);
-        // Two thirds rewritten: every old segment is a third live, a victim, but
-        // the shard holds well under twice its live bytes.
         fill_sectors(&engine, (0..256).filter(|index| index % 3 != 0), 2);
         engine.flush().wait().unwrap();
         engine.checkpoint().unwrap();
+        engine
+    }
+
+    #[test]
+    fn partly_dead_segments_are_copied_only_past_the_amplification_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = third_live_store(dir.path());
         let before = engine.stats().unwrap();
         std::thread::sleep(std::time::Duration::from_millis(500));
         let held = engine.stats().unwrap();
@@ -743,13 +749,7 @@ mod tests {
     #[test]
     fn wholly_dead_segments_do_not_count_towards_the_amplification_limit() {
         let dir = tempfile::tempdir().unwrap();
-        let config = small(dir.path(), 1, 512 << 10, 128 << 10);
-        let engine = Engine::create(config, 1).unwrap();
-        // Segments a third live, behind a checkpoint: victims, but under the limit.
-        fill_sectors(&engine, 0..256, 1);
-        fill_sectors(&engine, (0..256).filter(|index| index % 3 != 0), 2);
-        engine.flush().wait().unwrap();
-        engine.checkpoint().unwrap();
+        let engine = third_live_store(dir.path());
         // Then a sequential rewrite, as of a volume: the first pass's segments die
         // whole, but no checkpoint covers them yet. Counting them, the shard holds
         // over twice its live bytes; without them, well under.

@@ -90,6 +90,21 @@ fn open_options(direct: bool) -> OpenOptions {
     options
 }
 
+/// Allocates `size` bytes of the new file `file` at `path` on disk, so that
+/// running out of space shows here; deletes the file if that fails.
+pub(crate) fn preallocate(file: File, path: &Path, size: u64) -> Result<File, EngineError> {
+    // SAFETY: fallocate on a file descriptor we own, with a length that fits in
+    // off_t (segment sizes are capped at 16 GiB by the configuration).
+    let result = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
+    if result == 0 {
+        return Ok(file);
+    }
+    let error = std::io::Error::last_os_error();
+    drop(file);
+    let _ = fs::remove_file(path);
+    Err(EngineError::io("allocating segment", path)(error))
+}
+
 impl Segment {
     /// Creates segment `id` of `size` bytes, allocating all of it now.
     pub fn create(
@@ -113,15 +128,7 @@ impl Segment {
                 }
             })
             .map_err(EngineError::io("creating segment", &path))?;
-        // SAFETY: fallocate on a file descriptor we own, with a length that fits
-        // in off_t (segment sizes are capped at 16 GiB by the configuration).
-        let result = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
-        if result != 0 {
-            let error = std::io::Error::last_os_error();
-            drop(file);
-            let _ = fs::remove_file(&path);
-            return Err(EngineError::io("allocating segment", &path)(error));
-        }
+        let file = preallocate(file, &path, size)?;
         // The new name must survive a crash before anything in it is trusted.
         File::open(shard_dir)
             .and_then(|dir| dir.sync_all())

@@ -5,8 +5,8 @@
 //! still live. A victim with nothing live costs nothing to reclaim and is taken at
 //! once; copying the live records out of a partly dead one costs a write for each,
 //! so that waits until the shard's segments holding anything live hold more than
-//! [`MAX_AMPLIFICATION`] times its live bytes, or until a write found no room. Records overwritten soon
-//! after they were written (a sequential rewrite, a journal) then die in place
+//! [`MAX_AMPLIFICATION`] times its live bytes, or until a write found no room.
+//! Records overwritten soon after they were written (a sequential rewrite, a journal) then die in place
 //! instead of being copied first: log-structured cleaning's cost-benefit rule. A segment may be compacted only once a committed checkpoint lies after it:
 //! recovery then never needs to scan it, and every record it still holds that
 //! matters is either in that checkpoint's index or superseded by the log tail.

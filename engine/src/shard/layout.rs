@@ -49,8 +49,6 @@ pub(super) struct Layout {
     /// Laying out stopped (no O_DIRECT here, no space, an I/O error) until the
     /// shard opens this segment number.
     paused_until: u32,
-    /// Bytes of zeros written so far, for statistics.
-    pub laid_out_bytes: u64,
     /// The shard needed the space: delete the target once its write completes.
     abandon: bool,
 }
@@ -132,10 +130,6 @@ impl Shard {
         let Some(target) = &self.layout.target else {
             return;
         };
-        if target.zeroed >= target.size {
-            self.spare_laid_out();
-            return;
-        }
         let len = (target.size - target.zeroed).min(STEP_BYTES as u64) as u32;
         let zeros = self
             .layout
@@ -173,7 +167,6 @@ impl Shard {
         match result {
             Ok(written) if written == len => {
                 target.zeroed += u64::from(len);
-                self.layout.laid_out_bytes += u64::from(len);
                 if target.zeroed >= target.size {
                     self.spare_laid_out();
                 }
@@ -213,15 +206,7 @@ impl Shard {
             .custom_flags(libc::O_DIRECT)
             .open(&path)
             .map_err(EngineError::io("creating spare segment", &path))?;
-        // SAFETY: fallocate on a file descriptor we own, with a length that fits
-        // in off_t (segment sizes are capped at 16 GiB by the configuration).
-        let result = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) };
-        if result != 0 {
-            let error = std::io::Error::last_os_error();
-            drop(file);
-            let _ = std::fs::remove_file(&path);
-            return Err(EngineError::io("allocating spare segment", &path)(error));
-        }
+        let file = crate::segment::preallocate(file, &path, size)?;
         Ok(Target {
             path,
             file,
