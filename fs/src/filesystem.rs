@@ -15,7 +15,7 @@ use crate::attr::{
 use crate::authorizer;
 use crate::dir::{self, DIR_SECTOR_SIZE, Entry, NAME_MAX};
 use crate::error::{FsError, FsResult};
-use crate::node::{Ctx, NodeKeys, NodeState, ParentInfo};
+use crate::node::{Ctx, NodeKeys, NodeState, ParentInfo, ReadPlan, SectorFetch};
 use blocktree_core::aead::{SymmetricKey, random_fill};
 use blocktree_core::credstore::CredStore;
 use blocktree_core::hash::HashAlgorithm;
@@ -1628,6 +1628,57 @@ impl FileSystem {
                 Err(error) => return Err(error),
             }
         }
+    }
+
+    /// Reads several ranges of the file open as `fh`, fetching what they need
+    /// from the store in one request: queued NBD reads then share one trip to
+    /// the sector engine instead of each waiting for its own. Each result is
+    /// what [`read`](Self::read) of that range returns; a range whose shared
+    /// fetch or check fails is read again on its own, so errors and retries are
+    /// exactly `read`'s.
+    pub fn read_many(&self, fh: u64, ranges: &[(u64, u32)]) -> Vec<FsResult<Vec<u8>>> {
+        let read_each = |ranges: &[(u64, u32)]| -> Vec<FsResult<Vec<u8>>> {
+            ranges
+                .iter()
+                .map(|&(offset, size)| self.read(fh, offset, size))
+                .collect()
+        };
+        if ranges.len() < 2 {
+            return read_each(ranges);
+        }
+        let Ok((node_ref, _, _)) = self.handle(fh) else {
+            return read_each(ranges);
+        };
+        let planned: FsResult<Vec<ReadPlan>> = {
+            let mut node = lock(&node_ref);
+            ranges
+                .iter()
+                .map(|&(offset, size)| node.plan_read(&self.ctx, offset, u64::from(size)))
+                .collect()
+        };
+        let Ok(plans) = planned else {
+            return read_each(ranges);
+        };
+        let fetches: Vec<&SectorFetch> = plans.iter().map(|plan| &plan.sectors).collect();
+        let Ok(fetched) = SectorFetch::fetch_many(&fetches, &self.ctx) else {
+            return read_each(ranges);
+        };
+        let assembled: Vec<Option<Vec<u8>>> = {
+            let mut node = lock(&node_ref);
+            plans
+                .into_iter()
+                .zip(fetched)
+                .map(|(plan, fetched)| fetched.ok().map(|sectors| node.finish_read(plan, sectors)))
+                .collect()
+        };
+        assembled
+            .into_iter()
+            .zip(ranges)
+            .map(|(data, &(offset, size))| match data {
+                Some(data) => Ok(data),
+                None => self.read(fh, offset, size),
+            })
+            .collect()
     }
 
     /// True if a directory on `node`'s readcap chain was created since the last

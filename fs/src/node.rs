@@ -861,22 +861,53 @@ impl SectorFetch {
     /// Fetches the missing records, checks each against its leaf and decrypts it,
     /// on every core for large reads. A record that fails is EIO, never data.
     pub fn fetch(&self, ctx: &Ctx) -> FsResult<Vec<Vec<u8>>> {
-        if self.leaves.is_empty() {
-            return Ok(Vec::new());
-        }
-        let indices: Vec<u64> = self.leaves.iter().map(|(index, _)| *index).collect();
+        SectorFetch::fetch_many(&[self], ctx)?
+            .pop()
+            .unwrap_or_else(|| Ok(Vec::new()))
+    }
+
+    /// Fetches the missing records of several reads of one node (planned under
+    /// one hold of its lock) in one request to the store, then checks and opens
+    /// each as [`fetch`](Self::fetch) does. The outer error is the store's; each
+    /// read has its own verification result.
+    pub fn fetch_many(
+        fetches: &[&SectorFetch],
+        ctx: &Ctx,
+    ) -> FsResult<Vec<FsResult<Vec<Vec<u8>>>>> {
+        let Some(first) = fetches.iter().find(|fetch| !fetch.leaves.is_empty()) else {
+            return Ok(fetches.iter().map(|_| Ok(Vec::new())).collect());
+        };
+        debug_assert!(fetches.iter().all(|fetch| fetch.ino == first.ino));
+        let indices: Vec<u64> = fetches
+            .iter()
+            .flat_map(|fetch| fetch.leaves.iter().map(|(index, _)| *index))
+            .collect();
         let records = ctx
             .service
-            .read_data(self.ino, &indices, self.access.as_ref())?;
-        let pairs: Vec<(LeafOf, Option<Vec<u8>>)> =
-            self.leaves.iter().copied().zip(records).collect();
-        parallel_map(
-            &pairs,
-            pairs.len() * self.sector_size,
-            |((index, leaf), record)| self.verify_and_open(*index, leaf, record.as_deref()),
+            .read_data(first.ino, &indices, first.access.as_ref())?;
+        let work: Vec<(&SectorFetch, LeafOf, Option<Vec<u8>>)> = fetches
+            .iter()
+            .flat_map(|fetch| fetch.leaves.iter().map(move |leaf| (*fetch, *leaf)))
+            .zip(records)
+            .map(|((fetch, leaf), record)| (fetch, leaf, record))
+            .collect();
+        let mut opened = parallel_map(
+            &work,
+            work.len() * first.sector_size,
+            |(fetch, (index, leaf), record)| fetch.verify_and_open(*index, leaf, record.as_deref()),
         )
-        .into_iter()
-        .collect()
+        .into_iter();
+        // Each read's share is taken whole before it is judged: collecting
+        // straight into a result would stop at its first failure and hand the
+        // rest of its records to the next read.
+        Ok(fetches
+            .iter()
+            .map(|fetch| {
+                let share: Vec<FsResult<Vec<u8>>> =
+                    opened.by_ref().take(fetch.leaves.len()).collect();
+                share.into_iter().collect()
+            })
+            .collect())
     }
 
     fn verify_and_open(

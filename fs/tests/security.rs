@@ -167,34 +167,38 @@ fn the_service_refuses_writes_that_do_not_verify() {
     assert_eq!(fs.read(fh, 0, 20_000).unwrap(), vec![5u8; 10_000]);
 }
 
-#[test]
-fn a_sector_swapped_under_the_store_reads_as_eio_and_only_it() {
-    let domain = Domain::new();
+/// A stored file of four 4 KiB sectors (sector i full of i + 1) whose sector 2
+/// was then replaced behind the service's back, as a malicious store would:
+/// straight into the state machine's engine, with the service closed.
+fn file_with_a_swapped_sector(domain: &Domain) -> u64 {
     let mut data = Vec::new();
     for sector in 0..4u8 {
         data.extend(std::iter::repeat_n(sector + 1, 4096));
     }
-    let ino = stored_file(&domain, &data);
-    {
-        // Replace sector 2 behind the service's back (as a malicious store would):
-        // straight into the state machine's engine, with the service closed.
-        let generation = blocktree_fs::local::LOCAL_GENERATION;
-        let dir = domain
-            .data()
-            .join(blocktree_fs::local::SECTORS_DIR)
-            .join("engine");
-        let engine =
-            blocktree_engine::Engine::open_or_create(EngineConfig::new(dir), generation).unwrap();
-        let mut batch = WriteBatch::new();
-        let id = SectorId {
-            generation,
-            inode: ino,
-            sector: SectorKind::Data(2),
-        };
-        batch.put(id, vec![0xEE; 4096]);
-        engine.write(batch).wait().unwrap();
-        engine.shutdown().unwrap();
-    }
+    let ino = stored_file(domain, &data);
+    let generation = blocktree_fs::local::LOCAL_GENERATION;
+    let dir = domain
+        .data()
+        .join(blocktree_fs::local::SECTORS_DIR)
+        .join("engine");
+    let engine =
+        blocktree_engine::Engine::open_or_create(EngineConfig::new(dir), generation).unwrap();
+    let mut batch = WriteBatch::new();
+    let id = SectorId {
+        generation,
+        inode: ino,
+        sector: SectorKind::Data(2),
+    };
+    batch.put(id, vec![0xEE; 4096]);
+    engine.write(batch).wait().unwrap();
+    engine.shutdown().unwrap();
+    ino
+}
+
+#[test]
+fn a_sector_swapped_under_the_store_reads_as_eio_and_only_it() {
+    let domain = Domain::new();
+    file_with_a_swapped_sector(&domain);
     let fs = domain.mount(FsConfig::default());
     let f = fs.resolve(&root(), "/f").unwrap();
     let fh = fs.open(&root(), f, libc::O_RDONLY).unwrap();
@@ -202,6 +206,50 @@ fn a_sector_swapped_under_the_store_reads_as_eio_and_only_it() {
     assert!(matches!(fs.read(fh, 0, 4 * 4096), Err(FsError::Io(_))));
     assert_eq!(fs.read(fh, 0, 4096).unwrap(), vec![1u8; 4096]);
     assert_eq!(fs.read(fh, 3 * 4096, 4096).unwrap(), vec![4u8; 4096]);
+}
+
+/// `read_many` (NBD's queued reads, fetched together) returns what each read
+/// returns alone: buffered writes, the end of the file, and EIO for the ranges
+/// that touch the swapped sector only.
+#[test]
+fn reads_fetched_together_match_reads_alone_and_fail_alone() {
+    let domain = Domain::new();
+    file_with_a_swapped_sector(&domain);
+    let fs = domain.mount(FsConfig::default());
+    let f = fs.resolve(&root(), "/f").unwrap();
+    let fh = fs.open(&root(), f, libc::O_RDWR).unwrap();
+    // Buffered in the file handle, not yet in the store.
+    fs.write(fh, 4096 + 100, &[9u8; 50]).unwrap();
+    let ranges = [
+        (0, 4096),
+        (4096, 4096),
+        (2 * 4096, 10),
+        (3 * 4096 - 100, 200),
+        (3 * 4096, 4096),
+        (4 * 4096 - 10, 100),
+        (64 * 4096, 10),
+        (0, 4096),
+    ];
+    let together = fs.read_many(fh, &ranges);
+    assert_eq!(together.len(), ranges.len());
+    let mut failed = Vec::new();
+    for (&(offset, size), result) in ranges.iter().zip(together) {
+        match fs.read(fh, offset, size) {
+            Ok(alone) => assert_eq!(result.unwrap(), alone, "{size} bytes at {offset}"),
+            Err(FsError::Io(_)) => {
+                assert!(
+                    matches!(result, Err(FsError::Io(_))),
+                    "{size} bytes at {offset}"
+                );
+                failed.push(offset);
+            }
+            Err(error) => panic!("{size} bytes at {offset}: {error}"),
+        }
+    }
+    assert_eq!(failed, [2 * 4096, 3 * 4096 - 100]);
+    let buffered = fs.read_many(fh, &[(4096 + 100, 50), (4096, 100)]);
+    assert_eq!(buffered[0].as_ref().unwrap(), &vec![9u8; 50]);
+    assert_eq!(buffered[1].as_ref().unwrap(), &vec![2u8; 100]);
 }
 
 #[test]

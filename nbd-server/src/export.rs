@@ -83,6 +83,15 @@ pub trait Device: Send + Sync {
     fn info(&self) -> &ExportInfo;
     /// Reads `len` bytes at `offset` (in range: the server checked).
     fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, DeviceError>;
+    /// Reads several ranges (each in range), one result per range. The server
+    /// hands queued small reads of a connection over together, so a device that
+    /// can serve them in one trip to its storage should.
+    fn read_many(&self, ranges: &[(u64, u32)]) -> Vec<Result<Vec<u8>, DeviceError>> {
+        ranges
+            .iter()
+            .map(|&(offset, len)| self.read(offset, len))
+            .collect()
+    }
     /// Writes `data` at `offset`; durable before returning if `fua`.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError>;
     /// Makes every completed write durable, whichever connection made it.

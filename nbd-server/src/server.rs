@@ -36,6 +36,12 @@ use tokio::task::JoinSet;
 const READ_BUFFER: usize = 256 * 1024;
 /// Bytes buffered when writing replies (larger payloads go straight out).
 const WRITE_BUFFER: usize = 256 * 1024;
+/// Reads at most this long are gathered into one hand-over to the device while
+/// the client keeps sending (larger ones already fill a trip on their own).
+const BATCHED_READ_MAX: u32 = 64 * 1024;
+/// The most reads, and bytes of them, handed to the device together.
+const READ_BATCH_COUNT: usize = 64;
+const READ_BATCH_BYTES: usize = 1 << 20;
 /// The most block status descriptors in one reply (the protocol's advice).
 const MAX_DESCRIPTORS: usize = 1 << 20;
 /// How long connections get to finish their requests when the server stops.
@@ -488,6 +494,68 @@ async fn write_replies(
     result
 }
 
+/// A read request waiting to be handed to the device with the ones after it.
+struct QueuedRead {
+    cookie: u64,
+    offset: u64,
+    len: u32,
+    permits: Permits,
+}
+
+/// Small reads of one connection that arrived back to back: the client had
+/// already sent the next request when this one was parsed. They go to the
+/// device together (`Device::read_many`), on one blocking thread, so that a
+/// queue of 4 KiB reads costs one hand-over and one trip to the store rather
+/// than one each. Gathering stops as soon as the next request is not already
+/// buffered, so a lone read is never held back.
+#[derive(Default)]
+struct ReadBatch {
+    reads: Vec<QueuedRead>,
+    bytes: usize,
+}
+
+impl ReadBatch {
+    fn is_full(&self) -> bool {
+        self.reads.len() >= READ_BATCH_COUNT || self.bytes >= READ_BATCH_BYTES
+    }
+
+    fn push(&mut self, read: QueuedRead) {
+        self.bytes += read.len as usize;
+        self.reads.push(read);
+    }
+
+    /// Hands the gathered reads to a blocking thread; their replies go out in
+    /// request order as soon as all have been read.
+    fn dispatch(
+        &mut self,
+        device: &Arc<dyn Device>,
+        session: &Arc<Session>,
+        replies: &mpsc::UnboundedSender<Reply>,
+    ) {
+        if self.reads.is_empty() {
+            return;
+        }
+        let reads = std::mem::take(&mut self.reads);
+        self.bytes = 0;
+        let device = device.clone();
+        let session = session.clone();
+        let replies = replies.clone();
+        tokio::task::spawn_blocking(move || {
+            let ranges: Vec<(u64, u32)> =
+                reads.iter().map(|read| (read.offset, read.len)).collect();
+            let results = device.read_many(&ranges);
+            for (read, result) in reads.into_iter().zip(results) {
+                let (head, data) = read_reply(&*device, &session, read.cookie, read.offset, result);
+                let _ = replies.send(Reply {
+                    head,
+                    data,
+                    _permits: read.permits,
+                });
+            }
+        });
+    }
+}
+
 /// The transmission phase of one connection.
 async fn transmission(
     stream: BoxStream,
@@ -503,7 +571,11 @@ async fn transmission(
     let slots = Arc::new(Semaphore::new(shared.max_in_flight));
     let budget = Arc::new(Semaphore::new(shared.connection_budget));
     let session = Arc::new(session);
+    let mut batch = ReadBatch::default();
     let result: Result<(), ConnError> = loop {
+        if reader.buffer().len() < REQUEST_HEADER_LEN || batch.is_full() {
+            batch.dispatch(&device, &session, &replies);
+        }
         let mut head = [0u8; REQUEST_HEADER_LEN];
         tokio::select! {
             biased;
@@ -527,6 +599,11 @@ async fn transmission(
         if check == Ok(Op::Disconnect) {
             break Ok(());
         }
+        if slots.available_permits() == 0 {
+            // The permits held by the gathered reads come back only once they
+            // are answered.
+            batch.dispatch(&device, &session, &replies);
+        }
         let Ok(slot) = slots.clone().acquire_owned().await else {
             break Err(ConnError::Internal("request slots closed".into()));
         };
@@ -537,6 +614,11 @@ async fn transmission(
         let (connection_permit, server_permit) = if bytes > 0 {
             // At most the maximum payload, which both budgets hold.
             let bytes = u32::try_from(bytes).unwrap_or(u32::MAX);
+            if budget.available_permits() < bytes as usize
+                || shared.server_budget.available_permits() < bytes as usize
+            {
+                batch.dispatch(&device, &session, &replies);
+            }
             let connection = budget.clone().acquire_many_owned(bytes).await;
             let server = shared.server_budget.clone().acquire_many_owned(bytes).await;
             match (connection, server) {
@@ -574,7 +656,14 @@ async fn transmission(
                     _permits: permits,
                 });
             }
+            Ok(Op::Read { offset, len }) if len <= BATCHED_READ_MAX => batch.push(QueuedRead {
+                cookie: header.cookie,
+                offset,
+                len,
+                permits,
+            }),
             Ok(op) => {
+                batch.dispatch(&device, &session, &replies);
                 let device = device.clone();
                 let session = session.clone();
                 let replies = replies.clone();
@@ -590,6 +679,7 @@ async fn transmission(
             }
         }
     };
+    batch.dispatch(&device, &session, &replies);
     // Every request read is answered before the connection closes.
     let _ = slots.acquire_many(shared.max_in_flight as u32).await;
     drop(replies);
@@ -640,30 +730,12 @@ fn execute(
     let ok = || proto::simple_reply(cookie, None).to_vec();
     let done = |result: Result<(), DeviceError>, what: &str, fast: bool| match result {
         Ok(()) => (ok(), Vec::new()),
-        Err(error) => {
-            let nbd = nbd_error(&error, fast);
-            if nbd == NbdError::Io {
-                tracing::warn!(volume = %device.info().name, "{what}: {error}");
-            } else {
-                tracing::debug!(volume = %device.info().name, "{what}: {error}");
-            }
-            (
-                error_reply(session, cookie, nbd, &format!("{what}: {}", error.message)),
-                Vec::new(),
-            )
-        }
+        Err(error) => failure_reply(device, session, cookie, &error, what, fast),
     };
     match op {
-        Op::Read { offset, len } => match device.read(offset, len) {
-            Ok(data) if session.structured => {
-                match proto::offset_data_header(cookie, offset, data.len()) {
-                    Some(head) if !data.is_empty() => (head.to_vec(), data),
-                    _ => (proto::none_chunk(cookie).to_vec(), Vec::new()),
-                }
-            }
-            Ok(data) => (ok(), data),
-            Err(error) => done(Err(error), "read", false),
-        },
+        Op::Read { offset, len } => {
+            read_reply(device, session, cookie, offset, device.read(offset, len))
+        }
         Op::Write { offset, fua, .. } => done(device.write(offset, payload, fua), "write", false),
         Op::Flush => done(device.flush(), "flush", false),
         Op::Trim { offset, len, fua } => {
@@ -711,6 +783,48 @@ fn execute(
         },
         Op::Disconnect => (ok(), Vec::new()),
     }
+}
+
+/// The reply to a read at `offset` that returned `result`.
+fn read_reply(
+    device: &dyn Device,
+    session: &Session,
+    cookie: u64,
+    offset: u64,
+    result: Result<Vec<u8>, DeviceError>,
+) -> (Vec<u8>, Vec<u8>) {
+    match result {
+        Ok(data) if session.structured => {
+            match proto::offset_data_header(cookie, offset, data.len()) {
+                Some(head) if !data.is_empty() => (head.to_vec(), data),
+                _ => (proto::none_chunk(cookie).to_vec(), Vec::new()),
+            }
+        }
+        Ok(data) => (proto::simple_reply(cookie, None).to_vec(), data),
+        Err(error) => failure_reply(device, session, cookie, &error, "read", false),
+    }
+}
+
+/// The error reply to a request (`what`) the device failed, logged: at warning
+/// level for I/O errors, which may mean damage.
+fn failure_reply(
+    device: &dyn Device,
+    session: &Session,
+    cookie: u64,
+    error: &DeviceError,
+    what: &str,
+    fast: bool,
+) -> (Vec<u8>, Vec<u8>) {
+    let nbd = nbd_error(error, fast);
+    if nbd == NbdError::Io {
+        tracing::warn!(volume = %device.info().name, "{what}: {error}");
+    } else {
+        tracing::debug!(volume = %device.info().name, "{what}: {error}");
+    }
+    (
+        error_reply(session, cookie, nbd, &format!("{what}: {}", error.message)),
+        Vec::new(),
+    )
 }
 
 /// Block status descriptors for `extents` of a query of `len` bytes: at least
@@ -765,6 +879,8 @@ mod tests {
         data: Mutex<Vec<u8>>,
         written: Mutex<Vec<bool>>,
         flushes: Mutex<u32>,
+        /// How many ranges each `read_many` call carried.
+        read_batches: Mutex<Vec<usize>>,
     }
 
     impl Memory {
@@ -780,6 +896,7 @@ mod tests {
                 data: Mutex::new(vec![0; size]),
                 written: Mutex::new(vec![false; size / 4096]),
                 flushes: Mutex::new(0),
+                read_batches: Mutex::new(Vec::new()),
             })
         }
     }
@@ -793,6 +910,13 @@ mod tests {
         fn read(&self, offset: u64, len: u32) -> Result<Vec<u8>, DeviceError> {
             let data = self.0.data.lock().unwrap();
             Ok(data[offset as usize..offset as usize + len as usize].to_vec())
+        }
+        fn read_many(&self, ranges: &[(u64, u32)]) -> Vec<Result<Vec<u8>, DeviceError>> {
+            self.0.read_batches.lock().unwrap().push(ranges.len());
+            ranges
+                .iter()
+                .map(|&(offset, len)| self.read(offset, len))
+                .collect()
         }
         fn write(&self, offset: u64, bytes: &[u8], _: bool) -> Result<(), DeviceError> {
             if bytes.first() == Some(&0xee) {
@@ -988,6 +1112,43 @@ mod tests {
 
     /// Pipelined requests, replies out of order by cookie, structured replies,
     /// block status, and a bad frame that ends only its own connection.
+    /// Small reads the client sent back to back reach the device in one
+    /// `read_many` call, and each gets its own data back under its cookie.
+    #[test]
+    fn queued_reads_reach_the_device_together() {
+        let memory = Memory::new(1 << 20);
+        for (sector, chunk) in memory.data.lock().unwrap().chunks_mut(4096).enumerate() {
+            chunk.fill((sector % 200) as u8 + 1);
+        }
+        let server = start(memory.clone());
+        let mut tcp = std::net::TcpStream::connect(server.address).unwrap();
+        raw_handshake(&mut tcp, false);
+        let requests: Vec<u8> = (0..16u64)
+            .flat_map(|i| request(CMD_READ, 0, 1000 + i, (15 - i) * 4096, 4096))
+            .collect();
+        tcp.write_all(&requests).unwrap();
+        for _ in 0..16 {
+            let mut head = [0u8; 16];
+            tcp.read_exact(&mut head).unwrap();
+            assert_eq!(
+                u32::from_be_bytes(head[..4].try_into().unwrap()),
+                SIMPLE_REPLY_MAGIC
+            );
+            assert_eq!(u32::from_be_bytes(head[4..8].try_into().unwrap()), 0);
+            let cookie = u64::from_be_bytes(head[8..].try_into().unwrap());
+            let mut data = vec![0u8; 4096];
+            tcp.read_exact(&mut data).unwrap();
+            let sector = 15 - (cookie - 1000);
+            assert_eq!(data, vec![sector as u8 + 1; 4096], "cookie {cookie}");
+        }
+        let batches = memory.read_batches.lock().unwrap().clone();
+        assert_eq!(batches.iter().sum::<usize>(), 16);
+        assert!(
+            batches.iter().any(|&reads| reads > 1),
+            "every read went to the device alone: {batches:?}"
+        );
+    }
+
     #[test]
     fn pipelined_structured_requests_and_a_bad_frame() {
         let memory = Memory::new(1 << 20);

@@ -543,6 +543,19 @@ impl Device for FsVolume {
         Ok(data)
     }
 
+    fn read_many(&self, ranges: &[(u64, u32)]) -> Vec<Result<Vec<u8>, DeviceError>> {
+        self.fs
+            .read_many(self.fh, ranges)
+            .into_iter()
+            .zip(ranges)
+            .map(|(read, &(_, len))| {
+                let mut data = read.map_err(device_error)?;
+                data.resize(len as usize, 0);
+                Ok(data)
+            })
+            .collect()
+    }
+
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError> {
         let written = self.fs.write(self.fh, offset, data).map_err(device_error)?;
         if written as usize != data.len() {
