@@ -216,6 +216,56 @@ impl MetaBody {
     }
 }
 
+/// Signatures that verified before: writecap chains (by their encoding) and
+/// whole metadata (by a digest of its signed bytes and signature). A writer
+/// signs many files under one writecap, so its chain needs checking once; and
+/// metadata read again unchanged (a file system reloading a node it dropped
+/// from its cache) needs no signature check at all. Each check saved is an
+/// ECDSA verification, about 50 µs. What changes with time (expiry,
+/// revocation) is checked every time. Bounded: each set forgets everything
+/// when full.
+pub struct VerifiedSignatures {
+    chains: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
+    metas: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
+    chain_capacity: usize,
+    meta_capacity: usize,
+}
+
+impl VerifiedSignatures {
+    /// Remembers at most `chains` writecap chains and `metas` metadata.
+    pub fn new(chains: usize, metas: usize) -> VerifiedSignatures {
+        VerifiedSignatures {
+            chains: std::sync::Mutex::new(std::collections::HashSet::new()),
+            metas: std::sync::Mutex::new(std::collections::HashSet::new()),
+            chain_capacity: chains,
+            meta_capacity: metas,
+        }
+    }
+
+    fn knows<T: std::hash::Hash + Eq>(
+        set: &std::sync::Mutex<std::collections::HashSet<T>>,
+        item: &T,
+    ) -> bool {
+        set.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(item)
+    }
+
+    fn remember<T: std::hash::Hash + Eq>(
+        set: &std::sync::Mutex<std::collections::HashSet<T>>,
+        capacity: usize,
+        item: T,
+    ) {
+        let mut set = set
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if set.len() >= capacity {
+            set.clear();
+        }
+        set.insert(item);
+    }
+}
+
 impl FileMeta {
     /// Signs `body` with `signer`, which must be the writecap's subject; sets
     /// `body.writer` to the signer's key.
@@ -275,6 +325,52 @@ impl FileMeta {
             .writer
             .verify(&signed_bytes(&self.body), &self.signature)
             .map_err(|_| MetaError::BadSignature)
+    }
+
+    /// [`FileMeta::verify`], skipping the signature checks `cache` saw succeed
+    /// before: all of them for metadata byte-identical to metadata that
+    /// verified, the certificates' for a chain that verified. Expiry,
+    /// revocation and the subject are checked every time; what verifies is
+    /// remembered.
+    pub fn verify_cached(
+        &self,
+        cache: &VerifiedSignatures,
+        directory: &BtPath,
+        now: Timestamp,
+        revoked: &RevocationList,
+    ) -> Result<(), MetaError> {
+        let signed = signed_bytes(&self.body);
+        let digest = HashAlgorithm::Sha256
+            .hash(&[&signed, self.signature.as_bytes()])
+            .as_bytes()
+            .to_vec();
+        let writer = self.body.writer.principal();
+        if VerifiedSignatures::knows(&cache.metas, &digest) {
+            self.body
+                .writecap
+                .validate_for_known_signatures(&writer, directory, now, revoked)?;
+            return Ok(());
+        }
+        let chain = encoding::encode(&self.body.writecap);
+        let chain_known = VerifiedSignatures::knows(&cache.chains, &chain);
+        if chain_known {
+            self.body
+                .writecap
+                .validate_for_known_signatures(&writer, directory, now, revoked)?;
+        } else {
+            self.body
+                .writecap
+                .validate_for(&writer, directory, now, revoked)?;
+        }
+        self.body
+            .writer
+            .verify(&signed, &self.signature)
+            .map_err(|_| MetaError::BadSignature)?;
+        if !chain_known {
+            VerifiedSignatures::remember(&cache.chains, cache.chain_capacity, chain);
+        }
+        VerifiedSignatures::remember(&cache.metas, cache.meta_capacity, digest);
+        Ok(())
     }
 
     /// The signed fields. Trust them only after [`FileMeta::verify`].

@@ -13,7 +13,7 @@ use blocktree_core::encoding::{self, DecodeError, Kind};
 use blocktree_core::hash::HashAlgorithm;
 use blocktree_core::keys::{CryptoError, EncryptionKeyPair, SIGNATURE_LEN, SigningKeyPair};
 use blocktree_core::metadata::{
-    FileMeta, FileTime, KeyState, MetaBody, MetaError, MetaSecrets, SecretsPart,
+    FileMeta, FileTime, KeyState, MetaBody, MetaError, MetaSecrets, SecretsPart, VerifiedSignatures,
 };
 use blocktree_core::readcap::{EpochKeyTable, FileIds, ParentTable, ReadcapTable, SALT_LEN};
 use blocktree_core::sector::{EPOCH_SEAL_LIMIT, SealError, SectorSealer};
@@ -663,6 +663,62 @@ fn an_expired_or_revoked_writecap_is_refused() {
         built.meta.verify(&FIXTURE.directory, NOW, &revoked),
         Err(MetaError::Writecap(WritecapError::Revoked(who))) if who == principal_of(&FIXTURE.writer)
     ));
+}
+
+/// A cache hit skips signature checks only for byte-identical metadata, and
+/// never the checks that change with time: after the original verified (and was
+/// remembered), an edit under the old signature is still refused, and so is
+/// the original once its writecap expired or its writer was revoked.
+#[test]
+fn remembered_signatures_never_excuse_a_change_an_expiry_or_a_revocation() {
+    let fixture = &*FIXTURE;
+    let cache = VerifiedSignatures::new(4, 4);
+    let built = build(&sample_plan(true));
+    for _ in 0..2 {
+        built
+            .meta
+            .verify_cached(&cache, &fixture.directory, NOW, &nobody_revoked())
+            .unwrap();
+    }
+    let mut body = built.meta.body().clone();
+    body.sector_count += 1;
+    let tampered = with_old_signature(body, &built.meta);
+    assert!(matches!(
+        tampered.verify_cached(&cache, &fixture.directory, NOW, &nobody_revoked()),
+        Err(MetaError::BadSignature)
+    ));
+    assert!(matches!(
+        built.meta.verify_cached(
+            &cache,
+            &fixture.directory,
+            now_plus(3600),
+            &nobody_revoked()
+        ),
+        Err(MetaError::Writecap(WritecapError::Expired { index: 0, .. }))
+    ));
+    let mut revoked = RevocationList::new();
+    revoked.revoke(principal_of(&fixture.writer));
+    assert!(matches!(
+        built
+            .meta
+            .verify_cached(&cache, &fixture.directory, NOW, &revoked),
+        Err(MetaError::Writecap(WritecapError::Revoked(_)))
+    ));
+    // Another directory is judged afresh, and more metadata than the cache
+    // holds is still verified correctly.
+    assert!(
+        built
+            .meta
+            .verify_cached(&cache, &fixture.sibling, NOW, &nobody_revoked())
+            .is_err()
+    );
+    for inode in 0..10 {
+        let mut plan = sample_plan(false);
+        plan.ids.inode = inode;
+        let meta = build(&plan).meta;
+        meta.verify_cached(&cache, &fixture.directory, NOW, &nobody_revoked())
+            .unwrap();
+    }
 }
 
 #[test]

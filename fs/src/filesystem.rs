@@ -21,7 +21,7 @@ use blocktree_core::credstore::CredStore;
 use blocktree_core::hash::HashAlgorithm;
 use blocktree_core::keys::EncryptionPublicKey;
 use blocktree_core::merkle::MerkleTree;
-use blocktree_core::metadata::{KeyState, MetaBody, MetaSecrets, SecretsPart};
+use blocktree_core::metadata::{KeyState, MetaBody, MetaSecrets, SecretsPart, VerifiedSignatures};
 use blocktree_core::readcap::{EpochKeyTable, FileIds, ParentTable, ReadcapTable, SALT_LEN};
 use blocktree_core::sector::SectorId;
 use blocktree_core::time::Timestamp;
@@ -30,13 +30,18 @@ use blocktree_raftlog::store::ALL_FILES_CHANGED;
 use blocktree_raftlog::{SectorBatch, SectorService};
 use crossbeam_channel::Receiver;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// The xattr of a directory that sets whether files created in it are encrypted
 /// ("on" or "off"); without it, children inherit the directory's own encryption.
 pub const ENCRYPT_XATTR: &[u8] = b"user.blocktree.encrypt";
+
+/// Distinct writecap chains whose signatures are remembered as verified.
+const VERIFIED_CHAINS: usize = 1024;
+/// Distinct metadata remembered as verified (32 bytes and a set slot each).
+const VERIFIED_METAS: usize = 16384;
 
 /// Nodes kept in memory before clean, unused ones are dropped.
 const CACHED_NODES: usize = 8192;
@@ -119,6 +124,9 @@ pub struct FileSystem {
     write_access: Result<Timestamp, String>,
     config: FsConfig,
     nodes: Mutex<HashMap<u64, NodeRef>>,
+    /// The number of cached nodes at which `install` next looks for nodes to
+    /// drop (only read and written under `nodes`' lock).
+    next_node_sweep: AtomicUsize,
     /// A directory each inode was last reached through: how an evicted node finds
     /// the parent whose key opens it.
     parents: Mutex<HashMap<u64, u64>>,
@@ -179,12 +187,14 @@ impl FileSystem {
             service,
             creds,
             revoked: RevocationList::new(),
+            verified_signatures: VerifiedSignatures::new(VERIFIED_CHAINS, VERIFIED_METAS),
         };
         let fs = FileSystem {
             write_access: Self::write_access(&ctx),
             ctx,
             config,
             nodes: Mutex::new(HashMap::new()),
+            next_node_sweep: AtomicUsize::new(CACHED_NODES),
             parents: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
@@ -427,7 +437,7 @@ impl FileSystem {
 
     fn install(&self, ino: u64, state: NodeState) -> NodeRef {
         let mut nodes = lock(&self.nodes);
-        if nodes.len() >= CACHED_NODES {
+        if nodes.len() >= self.next_node_sweep.load(Ordering::Relaxed) {
             nodes.retain(|&cached, node| {
                 cached == Self::ROOT
                     || Arc::strong_count(node) > 1
@@ -435,6 +445,12 @@ impl FileSystem {
                         .try_lock()
                         .map_or(true, |state| state.is_dirty() || state.handles > 0)
             });
+            // When most nodes are in use (open, dirty, or new files not yet
+            // committed), sweeping again at the next install would scan them
+            // all for nothing, once per install: wait until the cache has
+            // grown by a quarter, so sweeping costs O(1) per install.
+            let next = CACHED_NODES.max(nodes.len() + nodes.len() / 4);
+            self.next_node_sweep.store(next, Ordering::Relaxed);
         }
         nodes
             .entry(ino)

@@ -11,7 +11,7 @@ use blocktree_core::aead::SymmetricKey;
 use blocktree_core::credstore::{CredStore, RuntimeSigner};
 use blocktree_core::hash::{Digest, HashAlgorithm};
 use blocktree_core::merkle::MerkleTree;
-use blocktree_core::metadata::{FileMeta, MetaBody, MetaSecrets};
+use blocktree_core::metadata::{FileMeta, MetaBody, MetaSecrets, VerifiedSignatures};
 use blocktree_core::readcap::FileIds;
 use blocktree_core::sector::{SectorId, SectorKind, SectorOpener, SectorSealer};
 use blocktree_core::time::Timestamp;
@@ -30,6 +30,10 @@ pub(crate) struct Ctx {
     pub service: Arc<dyn SectorService>,
     pub creds: Arc<dyn CredStore>,
     pub revoked: RevocationList,
+    /// Writecap chains already verified here: a node loaded again (the kernel
+    /// looked it up after the cache dropped it) costs one signature check, not
+    /// one per certificate of its writer's chain.
+    pub verified_signatures: VerifiedSignatures,
 }
 
 impl Ctx {
@@ -48,14 +52,19 @@ impl Ctx {
             Some(expires) if expires < now => Timestamp(expires.0.saturating_sub(1)),
             _ => now,
         };
-        meta.verify(self.service.directory(), at, &self.revoked)
-            .map_err(|error| {
-                let inode = meta.body().ids.inode;
-                tracing::error!(inode, "metadata refused: {error}");
-                FsError::Io(format!(
-                    "metadata of inode {inode} failed verification: {error}"
-                ))
-            })
+        meta.verify_cached(
+            &self.verified_signatures,
+            self.service.directory(),
+            at,
+            &self.revoked,
+        )
+        .map_err(|error| {
+            let inode = meta.body().ids.inode;
+            tracing::error!(inode, "metadata refused: {error}");
+            FsError::Io(format!(
+                "metadata of inode {inode} failed verification: {error}"
+            ))
+        })
     }
 }
 

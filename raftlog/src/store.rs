@@ -16,7 +16,7 @@ use crate::verify;
 use blocktree_core::BtPath;
 use blocktree_core::encoding;
 use blocktree_core::merkle::MerkleTree;
-use blocktree_core::metadata::FileMeta;
+use blocktree_core::metadata::{FileMeta, VerifiedSignatures};
 use blocktree_core::sector::{SectorId, SectorKind};
 use blocktree_core::time::Timestamp;
 use blocktree_core::writecap::RevocationList;
@@ -24,7 +24,7 @@ use blocktree_engine::{Engine, EngineError, Pending, WriteBatch};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
@@ -33,8 +33,12 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 const CACHED_FILES: usize = 4096;
 /// Messages a subscriber may have unread before it is disconnected.
 const SUBSCRIBER_BACKLOG: usize = 1 << 16;
+/// Metadata in a batch from which its signatures are checked on every core.
+const PARALLEL_VERIFY_MIN: usize = 8;
 /// Distinct verified writecap chains remembered.
 const VERIFIED_CHAINS: usize = 1024;
+/// Distinct metadata remembered as verified (32 bytes and a set slot each).
+const VERIFIED_METAS: usize = 16384;
 
 /// What a generation is: its number and the directory it serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -206,7 +210,7 @@ pub(crate) struct SectorStore {
     /// Writecap chains whose signatures verified, by their encoding: a writer
     /// signs many batches under one writecap, and its chain's signatures need
     /// checking once. Expiry, revocation and the subject are checked every time.
-    verified_chains: Mutex<HashSet<Vec<u8>>>,
+    verified_signatures: VerifiedSignatures,
     /// Where inodes changed by writes made elsewhere are announced, once a
     /// caching layer asked ([`SectorStore::watch_foreign_changes`]).
     foreign: OnceLock<Sender<u64>>,
@@ -224,7 +228,7 @@ impl SectorStore {
             revoked: RwLock::new(RevocationList::new()),
             files: Mutex::new(HashMap::new()),
             subscribers: Mutex::new(HashMap::new()),
-            verified_chains: Mutex::new(HashSet::new()),
+            verified_signatures: VerifiedSignatures::new(VERIFIED_CHAINS, VERIFIED_METAS),
             foreign: OnceLock::new(),
         }
     }
@@ -388,23 +392,10 @@ impl SectorStore {
         now: Timestamp,
         revoked: &RevocationList,
     ) -> Result<(), ServiceError> {
-        let chain = encoding::encode(&meta.body().writecap);
-        let known = lock(&self.verified_chains).contains(&chain);
         let directory = &self.info.directory;
         verify::verify_meta_with(meta, self.info.generation, |meta| {
-            if known {
-                meta.verify_known_chain(directory, now, revoked)
-            } else {
-                meta.verify(directory, now, revoked)
-            }
+            meta.verify_cached(&self.verified_signatures, directory, now, revoked)
         })?;
-        if !known {
-            let mut chains = lock(&self.verified_chains);
-            if chains.len() >= VERIFIED_CHAINS {
-                chains.clear();
-            }
-            chains.insert(chain);
-        }
         Ok(())
     }
 
@@ -574,6 +565,16 @@ impl SectorStore {
         let mut staged = StagedBatch::default();
         let SectorBatch { files, removes } = batch;
         let metas: Vec<FileMeta> = files.iter().map(|file| file.meta.clone()).collect();
+        // An ECDSA verification per file is most of staging a batch of small
+        // files (a commit of namespace changes): run them on every core first.
+        // The staging pass below then finds them remembered and checks only
+        // what changes with time; one that failed fails there, with its error.
+        if metas.len() + removes.len() >= PARALLEL_VERIFY_MIN {
+            let all: Vec<&FileMeta> = metas.iter().chain(&removes).collect();
+            pieces::parallel_map(&all, usize::MAX, |meta| {
+                let _ = self.verify_meta(meta, now, &revoked);
+            });
+        }
         let stage = || -> Result<(), ServiceError> {
             for file in files {
                 let inode = file.meta.body().ids.inode;
