@@ -22,6 +22,7 @@ pub mod forward;
 mod lease;
 pub mod logstore;
 pub mod network;
+mod pace;
 pub mod pieces;
 pub mod raft;
 pub mod service;

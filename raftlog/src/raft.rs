@@ -31,6 +31,7 @@ use crate::network::{
     self, BttpNetworkFactory, CONTROL_TIMEOUT, ClusterStatus, FailureKind, NetworkShared,
     RaftMessage, RaftReply,
 };
+use crate::pace::Pace;
 use crate::service::{ReadAccess, SectorBatch, SectorService, ServiceError};
 use crate::statemachine::{
     EngineConfigFn, INCOMING_DIR, MachineShared, ROOT_GENERATION, SectorStateMachine, read_applied,
@@ -90,6 +91,8 @@ pub struct ScrubReport {
     pub corrupt: u64,
     /// Sectors replaced with copies from another member.
     pub repaired: u64,
+    /// Bytes read from the engine by the first pass.
+    pub bytes_read: u64,
 }
 
 /// Where reads are served from.
@@ -605,7 +608,14 @@ impl RaftService {
     /// they came from, so the entries it applies afterwards bring them to
     /// the same state as everything else (as after a snapshot).
     pub fn scrub(&self) -> Result<ScrubReport, ServiceError> {
-        self.member.scrub()
+        self.member.scrub(None)
+    }
+
+    /// [`RaftService::scrub`], reading at most `bytes_per_second` on average
+    /// (0: as fast as the disk allows), so that a background scrub leaves
+    /// the disk to clients. Repairs are not paced.
+    pub fn scrub_paced(&self, bytes_per_second: u64) -> Result<ScrubReport, ServiceError> {
+        self.member.scrub(Some(bytes_per_second))
     }
 
     /// Snapshots this member received and installed since it started.
@@ -721,14 +731,16 @@ impl Member {
     /// written only while this member has applied no more than the member
     /// they came from, so the entries it applies afterwards bring them to
     /// the same state as everything else (as after a snapshot).
-    pub fn scrub(&self) -> Result<ScrubReport, ServiceError> {
+    pub fn scrub(&self, bytes_per_second: Option<u64>) -> Result<ScrubReport, ServiceError> {
         let mut report = ScrubReport::default();
         // A corrupt metadata sector hides its file's other sectors: scan again
         // after repairing it.
         for pass in 0..3 {
-            let (checked, corrupt) = self.block_on(self.find_corrupt());
+            let mut pace = Pace::new(bytes_per_second);
+            let (checked, corrupt) = self.block_on(self.find_corrupt(&mut pace));
             if pass == 0 {
                 report.sectors_checked = checked;
+                report.bytes_read = pace.bytes();
             }
             if corrupt.is_empty() {
                 return Ok(report);
@@ -742,7 +754,7 @@ impl Member {
         Ok(report)
     }
 
-    async fn find_corrupt(&self) -> (u64, Vec<(u64, SectorKind)>) {
+    async fn find_corrupt(&self, pace: &mut Pace) -> (u64, Vec<(u64, SectorKind)>) {
         let engine = self.store.engine();
         let generation = self.store.info.generation;
         let id = |inode, sector| SectorId {
@@ -755,7 +767,10 @@ impl Member {
         for inode in 0..self.machine.applied().next_inode {
             checked += 1;
             let meta = match engine.read(id(inode, SectorKind::Meta)).await {
-                Ok(Some(bytes)) => bytes,
+                Ok(Some(bytes)) => {
+                    pace.read(bytes.len() as u64).await;
+                    bytes
+                }
                 Ok(None) => continue,
                 Err(_) => {
                     corrupt.push((inode, SectorKind::Meta));
@@ -784,7 +799,10 @@ impl Member {
                 let expected =
                     crate::pieces::expected_piece_len(algorithm, body.sector_count, piece);
                 match engine.read(id(inode, SectorKind::Merkle(piece))).await {
-                    Ok(Some(bytes)) if bytes.len() == expected => leaves.extend_from_slice(&bytes),
+                    Ok(Some(bytes)) if bytes.len() == expected => {
+                        pace.read(bytes.len() as u64).await;
+                        leaves.extend_from_slice(&bytes);
+                    }
                     Ok(_) | Err(_) => {
                         corrupt.push((inode, SectorKind::Merkle(piece)));
                         pieces_read = false;
@@ -811,12 +829,14 @@ impl Member {
                 let reads: Vec<_> = (start..end)
                     .map(|index| (index, engine.read(id(inode, SectorKind::Data(index)))))
                     .collect();
+                let mut window_bytes = 0;
                 for (index, read) in reads {
                     checked += 1;
                     match read.await {
                         Err(_) => corrupt.push((inode, SectorKind::Data(index))),
                         // A missing record is a hole, whose leaf is the empty one's.
                         Ok(record) => {
+                            window_bytes += record.as_ref().map_or(0, |record| record.len() as u64);
                             if let Some(tree) = &tree {
                                 let leaf = MerkleTree::leaf_hash(
                                     algorithm,
@@ -829,6 +849,7 @@ impl Member {
                         }
                     }
                 }
+                pace.read(window_bytes).await;
                 start = end;
             }
         }

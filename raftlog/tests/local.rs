@@ -9,10 +9,12 @@ use blocktree_raftlog::service::SectorService;
 use blocktree_raftlog::{GenerationInfo, RaftConfig, RaftService};
 use common::Domain;
 use common::files::one_sector_file;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-#[test]
-fn a_local_one_member_cluster_writes_through_raft_and_reopens() {
+/// A domain, a writer holding a writecap over its generation directory, the
+/// member's directory and the generation it creates there.
+fn setup() -> (Domain, FileCredStore, PathBuf, GenerationInfo) {
     let domain = Domain::new();
     let (writer_dir, _) = domain.store(&["cluster"]);
     let writer = FileCredStore::open(&writer_dir).unwrap();
@@ -21,6 +23,12 @@ fn a_local_one_member_cluster_writes_through_raft_and_reopens() {
         generation: 1,
         directory: domain.directory(),
     };
+    (domain, writer, dir, info)
+}
+
+#[test]
+fn a_local_one_member_cluster_writes_through_raft_and_reopens() {
+    let (_domain, writer, dir, info) = setup();
     let service = RaftService::open_or_create(RaftConfig::new(&dir), || Ok(info.clone())).unwrap();
     let notes = service.subscribe(3);
     let inode = one_sector_file(&service, &writer, &[7; 4096]);
@@ -56,14 +64,7 @@ fn a_local_one_member_cluster_writes_through_raft_and_reopens() {
 /// bound. What was purged is still there after a reopen (in the engine).
 #[test]
 fn the_log_is_kept_within_its_byte_budget_and_reopens() {
-    let domain = Domain::new();
-    let (writer_dir, _) = domain.store(&["cluster"]);
-    let writer = FileCredStore::open(&writer_dir).unwrap();
-    let dir = domain.dir.path().join("local");
-    let info = GenerationInfo {
-        generation: 1,
-        directory: domain.directory(),
-    };
+    let (_domain, writer, dir, info) = setup();
     let budget = 64 << 10;
     let config = || {
         let mut config = RaftConfig::new(&dir);
@@ -144,14 +145,7 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 /// keeping the member from starting.
 #[test]
 fn a_damaged_applied_log_entry_is_purged_at_open() {
-    let domain = Domain::new();
-    let (writer_dir, _) = domain.store(&["cluster"]);
-    let writer = FileCredStore::open(&writer_dir).unwrap();
-    let dir = domain.dir.path().join("local");
-    let info = GenerationInfo {
-        generation: 1,
-        directory: domain.directory(),
-    };
+    let (_domain, writer, dir, info) = setup();
     let service = RaftService::open_or_create(RaftConfig::new(&dir), || Ok(info.clone())).unwrap();
     let damaged = one_sector_file(&service, &writer, &[0x5c; 4096]);
     let other = one_sector_file(&service, &writer, &[0x3e; 4096]);
@@ -178,5 +172,30 @@ fn a_damaged_applied_log_entry_is_purged_at_open() {
     assert_eq!(
         service.read_data(later, &[0], None).unwrap(),
         vec![Some(vec![0x11; 4096])]
+    );
+}
+
+/// A paced scrub reads what an unpaced one reads, and never faster on average
+/// than its rate.
+#[test]
+fn a_paced_scrub_keeps_under_its_rate() {
+    let (_domain, writer, dir, info) = setup();
+    let service = RaftService::open_or_create(RaftConfig::new(&dir), || Ok(info.clone())).unwrap();
+    for byte in 0..16u8 {
+        one_sector_file(&service, &writer, &vec![byte; 64 << 10]);
+    }
+    let unpaced = service.scrub().unwrap();
+    assert!(unpaced.bytes_read >= 16 * (64 << 10), "{unpaced:?}");
+    assert_eq!((unpaced.corrupt, unpaced.repaired), (0, 0));
+    let rate = 2 << 20;
+    let started = Instant::now();
+    let paced = service.scrub_paced(rate).unwrap();
+    let took = started.elapsed();
+    assert_eq!(paced, unpaced);
+    let floor = Duration::from_secs_f64(paced.bytes_read as f64 / rate as f64);
+    assert!(
+        took >= floor,
+        "{took:?} for {} bytes at {rate} bytes/s",
+        paced.bytes_read
     );
 }

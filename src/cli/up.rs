@@ -133,6 +133,11 @@ pub struct UpArgs {
     /// does (`blocktree cluster scrub` runs one at any time).
     #[arg(long, value_name = "HOURS", default_value_t = 24)]
     scrub_interval: u64,
+    /// The most the periodic scrub reads, in MB/s, so that it leaves the disk to
+    /// clients; 0 reads as fast as the disk allows. `blocktree cluster scrub` is
+    /// not paced.
+    #[arg(long, value_name = "MB_PER_S", default_value_t = 100)]
+    scrub_rate: u64,
     /// Log level of the server's messages on stderr: error, warn, info, debug or trace.
     #[arg(long, value_name = "LEVEL", default_value = "warn")]
     log: LogLevel,
@@ -394,11 +399,16 @@ fn serve(args: UpArgs, membership: Membership) -> Result<()> {
     let control_path = args.data.join(CONTROL_SOCKET);
     if args.scrub_interval > 0 {
         let every = Duration::from_secs(args.scrub_interval.saturating_mul(3600));
-        scrub_periodically(Arc::downgrade(&service), every);
+        let bytes_per_second = args.scrub_rate.saturating_mul(1_000_000);
+        scrub_periodically(Arc::downgrade(&service), every, bytes_per_second);
+        let rate = match args.scrub_rate {
+            0 => "as fast as the disk allows".to_string(),
+            rate => format!("at most {rate} MB/s"),
+        };
         report.field(
             "scrub",
             format!(
-                "every {} h (`blocktree cluster scrub` runs one now)",
+                "every {} h, {rate} (`blocktree cluster scrub` runs one now)",
                 args.scrub_interval
             ),
         );
@@ -476,10 +486,15 @@ fn serve(args: UpArgs, membership: Membership) -> Result<()> {
     Ok(())
 }
 
-/// Scrubs the store every `every` while it is open, in a thread of its own
+/// Scrubs the store every `every` while it is open, reading at most
+/// `bytes_per_second` (0: unpaced), in a thread of its own
 /// (holding the service only while it scrubs, so a stopping server is not kept
 /// open by the wait), and logs what each scrub found.
-fn scrub_periodically(service: std::sync::Weak<RaftService>, every: Duration) {
+fn scrub_periodically(
+    service: std::sync::Weak<RaftService>,
+    every: Duration,
+    bytes_per_second: u64,
+) {
     let spawned = std::thread::Builder::new()
         .name("scrub".into())
         .spawn(move || {
@@ -488,7 +503,7 @@ fn scrub_periodically(service: std::sync::Weak<RaftService>, every: Duration) {
                 let Some(service) = service.upgrade() else {
                     return;
                 };
-                match service.scrub() {
+                match service.scrub_paced(bytes_per_second) {
                     Ok(found) if found.corrupt > 0 => tracing::warn!(
                         checked = found.sectors_checked,
                         corrupt = found.corrupt,
