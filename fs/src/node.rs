@@ -30,9 +30,10 @@ pub(crate) struct Ctx {
     pub service: Arc<dyn SectorService>,
     pub creds: Arc<dyn CredStore>,
     pub revoked: RevocationList,
-    /// Writecap chains already verified here: a node loaded again (the kernel
-    /// looked it up after the cache dropped it) costs one signature check, not
-    /// one per certificate of its writer's chain.
+    /// Signatures already verified here: a node loaded again unchanged (the
+    /// kernel looked it up after the cache dropped it) costs no signature
+    /// check, and new metadata under a known writecap chain costs one, not
+    /// one per certificate of the chain.
     pub verified_signatures: VerifiedSignatures,
 }
 
