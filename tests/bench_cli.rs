@@ -202,6 +202,44 @@ fn crypto_seals_on_write_and_verifies_on_read() {
 }
 
 #[test]
+fn crypto_in_regions_barely_larger_than_the_queue() {
+    // With --crypto, writes are prepared ahead in groups; that needs free sectors
+    // beyond the queue. Regions of exactly the queue, one short of the room needed
+    // and just enough must all run (a job with no free sector would spin forever).
+    for sectors in ["8", "11", "12"] {
+        let dir = tempfile::tempdir().unwrap();
+        let size = format!("{}K", sectors.parse::<u64>().unwrap() * 8);
+        let report = sectors_json(
+            dir.path(),
+            &[
+                "--crypto",
+                "--rw",
+                "mixed",
+                "--size",
+                &size,
+                "--sector-size",
+                "8K",
+                "--qd",
+                "8",
+                "--flush-every",
+                "3",
+                "--duration",
+                "1",
+            ],
+        );
+        assert_sane(&report);
+        assert!(
+            number(&report["write"], "ops") > 0.0,
+            "{sectors} sectors: {report}"
+        );
+        assert!(
+            number(&report["read"], "ops") > 0.0,
+            "{sectors} sectors: {report}"
+        );
+    }
+}
+
+#[test]
 fn table_output_and_keep() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_str().unwrap();

@@ -10,6 +10,10 @@
 //! - `open/16KiB`: [`SectorOpener::open`] of that record; same anchor.
 //! - `sha256_leaf/16KiB`, `sha512_leaf/16KiB`: the Merkle leaf hash of a 16 KiB
 //!   record; anchors `openssl speed -evp sha256` / `sha512`.
+//! - `sha256_many/interleaved_8x16KiB` vs `sha256_many/one_by_one_8x16KiB`: the
+//!   leaf hashes of eight 16 KiB records, by [`HashAlgorithm::hash_many`] (SHA-NI
+//!   rounds of several records interleaved) vs one `hash` after another (aws-lc's
+//!   single stream, what `openssl speed -evp sha256` runs).
 //! - `seal_parts/*`: diagnostics that split `seal` into the bare aws-lc-rs AEAD call
 //!   and the per-seal overhead (the random nonce), so a miss can be explained.
 //! - `hash_parts/sha256_node_65B`: one interior-node hash (65 bytes), the unit of
@@ -122,6 +126,35 @@ fn sha256_leaf(c: &mut Criterion) {
 
 fn sha512_leaf(c: &mut Criterion) {
     leaf_hash(c, "sha512_leaf", HashAlgorithm::Sha512);
+}
+
+/// How many records [`sha256_many`] hashes per batch.
+const MANY: usize = 8;
+
+fn sha256_many(c: &mut Criterion) {
+    let records: Vec<Vec<u8>> = (0..MANY as u64)
+        .map(|seed| random_bytes(10 + seed, SECTOR_BYTES))
+        .collect();
+    let tag = [0u8];
+    let messages: Vec<[&[u8]; 2]> = records
+        .iter()
+        .map(|record| [&tag[..], &record[..]])
+        .collect();
+    let views: Vec<&[&[u8]]> = messages.iter().map(|parts| &parts[..]).collect();
+    let mut group = c.benchmark_group("sha256_many");
+    group.throughput(Throughput::Bytes(BYTES * MANY as u64));
+    group.bench_function(format!("interleaved_{MANY}x16KiB"), |b| {
+        b.iter(|| HashAlgorithm::Sha256.hash_many(black_box(&views)));
+    });
+    group.bench_function(format!("one_by_one_{MANY}x16KiB"), |b| {
+        b.iter(|| {
+            black_box(&views)
+                .iter()
+                .map(|parts| HashAlgorithm::Sha256.hash(parts))
+                .collect::<Vec<Digest>>()
+        });
+    });
+    group.finish();
 }
 
 /// Diagnostics: the AEAD call `seal` makes, with a counter nonce instead of a
@@ -304,6 +337,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = seal, open, sha256_leaf, sha512_leaf, seal_parts, hash_parts, merkle
+    targets = seal, open, sha256_leaf, sha512_leaf, sha256_many, seal_parts, hash_parts, merkle
 }
 criterion_main!(benches);

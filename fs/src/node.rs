@@ -16,7 +16,7 @@ use blocktree_core::readcap::FileIds;
 use blocktree_core::sector::{SectorId, SectorKind, SectorOpener, SectorSealer};
 use blocktree_core::time::Timestamp;
 use blocktree_core::writecap::RevocationList;
-use blocktree_raftlog::pieces::parallel_map;
+use blocktree_raftlog::pieces::parallel_map_chunks;
 use blocktree_raftlog::{FileWrite, ReadAccess, SectorService};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -738,19 +738,35 @@ impl NodeState {
         let ino = self.ino;
         let keys = self.keys.as_ref();
         let algorithm = self.body.hash_algorithm;
-        // Sealing and leaf hashing, the CPU-bound part of a batch, on every core.
-        let sealed = parallel_map(&dirty, self.dirty_bytes, |(index, plaintext)| {
-            let id = SectorId {
-                generation,
-                inode: ino,
-                sector: SectorKind::Data(*index),
-            };
-            let record = match keys {
-                Some(keys) => keys.sealer.seal_to_vec(&id, plaintext)?,
-                None => plaintext.to_vec(),
-            };
-            let leaf = MerkleTree::leaf_hash(algorithm, &record);
-            Ok::<_, FsError>((*index, record, leaf))
+        // Sealing and leaf hashing, the CPU-bound part of a batch, on every core; each
+        // core hashes its records together.
+        let sealed = parallel_map_chunks(&dirty, self.dirty_bytes, |part| {
+            let records: Vec<Result<Vec<u8>, FsError>> = part
+                .iter()
+                .map(|(index, plaintext)| match keys {
+                    Some(keys) => {
+                        let id = SectorId {
+                            generation,
+                            inode: ino,
+                            sector: SectorKind::Data(*index),
+                        };
+                        Ok(keys.sealer.seal_to_vec(&id, plaintext)?)
+                    }
+                    None => Ok(plaintext.to_vec()),
+                })
+                .collect();
+            let sealed: Vec<&[u8]> = records.iter().flatten().map(Vec::as_slice).collect();
+            let mut leaves = MerkleTree::leaf_hashes(algorithm, &sealed).into_iter();
+            part.iter()
+                .zip(records)
+                .map(|((index, _), record)| {
+                    let record = record?;
+                    let leaf = leaves
+                        .next()
+                        .ok_or_else(|| FsError::Io("a leaf hash is missing".into()))?;
+                    Ok::<_, FsError>((*index, record, leaf))
+                })
+                .collect()
         });
         let mut data = Vec::with_capacity(sealed.len());
         let mut leaves = Vec::with_capacity(sealed.len() + self.holes.len() + 1);
@@ -901,11 +917,23 @@ impl SectorFetch {
             .zip(records)
             .map(|((fetch, leaf), record)| (fetch, leaf, record))
             .collect();
-        let mut opened = parallel_map(
-            &work,
-            work.len() * first.sector_size,
-            |(fetch, (index, leaf), record)| fetch.verify_and_open(*index, leaf, record.as_deref()),
-        )
+        // One node's fetches: one hash algorithm, so each core hashes its share of
+        // the records together.
+        let algorithm = first.algorithm;
+        let mut opened = parallel_map_chunks(&work, work.len() * first.sector_size, |part| {
+            let records: Vec<&[u8]> = part
+                .iter()
+                .map(|(_, _, record)| record.as_deref().unwrap_or(&[]))
+                .collect();
+            let hashed = MerkleTree::leaf_hashes(algorithm, &records);
+            part.iter()
+                .zip(records)
+                .zip(hashed)
+                .map(|(((fetch, (index, leaf), _), record), hashed)| {
+                    fetch.verify_and_open(*index, leaf, &hashed, record)
+                })
+                .collect()
+        })
         .into_iter();
         // Each read's share is taken whole before it is judged: collecting
         // straight into a result would stop at its first failure and hand the
@@ -920,19 +948,21 @@ impl SectorFetch {
             .collect())
     }
 
+    /// Checks that `record` (empty for a hole), whose leaf hash is `hashed`, is the
+    /// one the signed `leaf` names, and opens it.
     fn verify_and_open(
         &self,
         index: u64,
         leaf: &Digest,
-        record: Option<&[u8]>,
+        hashed: &Digest,
+        record: &[u8],
     ) -> FsResult<Vec<u8>> {
         let id = SectorId {
             generation: self.generation,
             inode: self.ino,
             sector: SectorKind::Data(index),
         };
-        let record = record.unwrap_or(&[]);
-        if MerkleTree::leaf_hash(self.algorithm, record) != *leaf {
+        if hashed != leaf {
             return Err(FsError::tampered(
                 id,
                 "its hash is not the signed Merkle leaf",

@@ -71,22 +71,33 @@ pub fn parallel_map<T: Sync, R: Send>(
     bytes: usize,
     work: impl Fn(&T) -> R + Sync,
 ) -> Vec<R> {
+    parallel_map_chunks(items, bytes, |part| part.iter().map(&work).collect())
+}
+
+/// As [`parallel_map`], for work that is cheaper a chunk at a time (hashing records
+/// together with [`MerkleTree::leaf_hashes`](blocktree_core::merkle::MerkleTree::leaf_hashes)):
+/// `work` maps each thread's contiguous chunk of `items` to one result per item.
+pub fn parallel_map_chunks<T: Sync, R: Send>(
+    items: &[T],
+    bytes: usize,
+    work: impl Fn(&[T]) -> Vec<R> + Sync,
+) -> Vec<R> {
     if bytes < PARALLEL_BYTES || items.len() < 2 {
-        return items.iter().map(&work).collect();
+        return work(items);
     }
     // Asked once: the answer reads cgroup files, too slow for every batch.
     static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     let threads =
         *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     if threads < 2 {
-        return items.iter().map(&work).collect();
+        return work(items);
     }
     let chunk = items.len().div_ceil(threads);
     std::thread::scope(|scope| {
         let work = &work;
         let handles: Vec<_> = items
             .chunks(chunk)
-            .map(|part| scope.spawn(move || part.iter().map(work).collect::<Vec<R>>()))
+            .map(|part| scope.spawn(move || work(part)))
             .collect();
         handles
             .into_iter()

@@ -160,8 +160,10 @@ pub fn apply_write(
     tree.truncate(new_count);
     let hole = MerkleTree::leaf_hash(algorithm, &[]);
     let bytes = write.data.len() * expected_len;
-    let mut leaves: Vec<(u64, _)> = pieces::parallel_map(&write.data, bytes, |(index, record)| {
-        (*index, MerkleTree::leaf_hash(algorithm, record))
+    let mut leaves: Vec<(u64, _)> = pieces::parallel_map_chunks(&write.data, bytes, |part| {
+        let records: Vec<&[u8]> = part.iter().map(|(_, record)| &record[..]).collect();
+        let digests = MerkleTree::leaf_hashes(algorithm, &records);
+        part.iter().map(|(index, _)| *index).zip(digests).collect()
     });
     leaves.extend(write.holes.iter().map(|index| (*index, hole)));
     if new_count > tree.leaf_count() && !seen.contains(&(new_count - 1)) {

@@ -27,9 +27,9 @@ use blocktree_core::merkle::MerkleTree;
 use blocktree_core::sector::{SectorId, SectorKind, SectorOpener, SectorSealer};
 use blocktree_engine::{Engine, EngineConfig, EngineError, EngineStats, Pending, WriteBatch};
 use clap::{Args, Subcommand, ValueEnum};
-use futures::StreamExt;
 use futures::executor::block_on;
 use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 use std::io::{IsTerminal, Write};
@@ -51,6 +51,12 @@ const MAX_SECTOR_SIZE: u64 = 1 << 20;
 const PREFILL_BATCH_BYTES: usize = 512 << 10;
 /// Prefill batches each job keeps in flight.
 const PREFILL_DEPTH: usize = 8;
+/// With --crypto, writes are prepared (sealed, then hashed together) at least this
+/// many at a time, as the filesystem layer prepares a commit's sectors: four is
+/// what the interleaved SHA-256 hashes at once (`blocktree_core::hash`). Writes
+/// prepared beyond those asked for wait for a free place in the queue; their
+/// latency counts from their preparation.
+const PREPARE_TOGETHER: usize = 4;
 /// How often the progress bar is redrawn (and its MB/s recomputed).
 const PROGRESS_TICK: Duration = Duration::from_millis(250);
 /// The most memory `--crypto`'s Merkle trees may take (the machines this runs on
@@ -720,10 +726,24 @@ struct JobWork {
     sealing: Option<Sealing>,
     /// The next sector of a sequential job.
     cursor: u64,
-    /// One bit per sector of the region: an operation on it is in flight.
+    /// One bit per sector of the region: an operation on it is in flight, or a write
+    /// to it is prepared.
     busy: Vec<u64>,
+    /// Writes prepared ahead (with --crypto), oldest first.
+    prepared: std::collections::VecDeque<PreparedWrite>,
     writes: u64,
     writes_since_flush: u64,
+}
+
+/// A write whose record is made (sealed and hashed with --crypto) but not yet
+/// handed to the engine; its sector is marked busy.
+struct PreparedWrite {
+    id: SectorId,
+    slot: u64,
+    /// The record and its Merkle leaf, or why preparing failed.
+    stored: Result<(Vec<u8>, Option<Digest>), String>,
+    /// When its preparation started: its latency counts from here.
+    started: Instant,
 }
 
 /// Which kind of operation completed.
@@ -840,6 +860,7 @@ impl Job {
                 sealing,
                 cursor: 0,
                 busy: vec![0; region.div_ceil(64) as usize],
+                prepared: std::collections::VecDeque::new(),
                 writes: 0,
                 writes_since_flush: 0,
             },
@@ -860,50 +881,72 @@ impl Job {
         let mut in_flight = FuturesUnordered::new();
         block_on(async {
             loop {
-                while in_flight.len() < plan.qd && !stopped {
+                if in_flight.len() < plan.qd && !stopped {
                     if Instant::now() >= stop_at {
                         stopped = true;
-                        break;
+                    } else {
+                        let free = plan.qd - in_flight.len();
+                        for op in work.submit_up_to(context, free) {
+                            in_flight.push(complete(op, size, opener));
+                        }
                     }
-                    in_flight.push(complete(work.submit(context), size, opener));
                 }
                 let Some(done) = in_flight.next().await else {
                     break;
                 };
-                if let Some(slot) = done.slot {
-                    work.set_busy(slot, false);
-                }
-                stopped |= done.fatal;
-                let bytes = match done.kind {
-                    OpKind::Flush => 0,
-                    OpKind::Read | OpKind::Write => size as u64,
-                };
-                if done.outcome.is_ok() {
-                    context.live.bytes.fetch_add(bytes, Ordering::Relaxed);
-                    context.live.ops.fetch_add(1, Ordering::Relaxed);
-                }
-                // Operations count by completion time: one that completes inside the
-                // window counts, with its whole latency.
-                if done.finished < record_from || done.finished > stop_at {
-                    continue;
-                }
-                let latency = done.finished - done.started;
-                match (done.outcome, done.kind) {
-                    (Err(error), _) => result.fail(error),
-                    (Ok(()), OpKind::Flush) => result.flushes += 1,
-                    (Ok(()), kind) => {
-                        result.all.record(latency);
-                        result.bytes += bytes;
-                        match kind {
-                            OpKind::Read => result.reads.record(latency),
-                            _ => result.writes.record(latency),
-                        }
-                    }
+                stopped |= account(done, work, context, &mut result, record_from, stop_at);
+                // Every completion already in: the slots they free are refilled
+                // together, so their writes are prepared together.
+                while let Some(Some(done)) = in_flight.next().now_or_never() {
+                    stopped |= account(done, work, context, &mut result, record_from, stop_at);
                 }
             }
         });
         result
     }
+}
+
+/// Counts a completed operation into `result` (when it completed inside the
+/// measured window) and the live counters; frees its sector. True when the engine
+/// is shut down.
+fn account(
+    done: Completion,
+    work: &mut JobWork,
+    context: &RunContext,
+    result: &mut JobResult,
+    record_from: Instant,
+    stop_at: Instant,
+) -> bool {
+    if let Some(slot) = done.slot {
+        work.set_busy(slot, false);
+    }
+    let bytes = match done.kind {
+        OpKind::Flush => 0,
+        OpKind::Read | OpKind::Write => context.plan.sector_size as u64,
+    };
+    if done.outcome.is_ok() {
+        context.live.bytes.fetch_add(bytes, Ordering::Relaxed);
+        context.live.ops.fetch_add(1, Ordering::Relaxed);
+    }
+    // Operations count by completion time: one that completes inside the window
+    // counts, with its whole latency.
+    if done.finished < record_from || done.finished > stop_at {
+        return done.fatal;
+    }
+    let latency = done.finished - done.started;
+    match (done.outcome, done.kind) {
+        (Err(error), _) => result.fail(error),
+        (Ok(()), OpKind::Flush) => result.flushes += 1,
+        (Ok(()), kind) => {
+            result.all.record(latency);
+            result.bytes += bytes;
+            match kind {
+                OpKind::Read => result.reads.record(latency),
+                _ => result.writes.record(latency),
+            }
+        }
+    }
+    done.fatal
 }
 
 impl JobWork {
@@ -946,30 +989,43 @@ impl JobWork {
         }
     }
 
-    /// The bytes to store as sector `id`, freshly made: the sealed record and its
-    /// Merkle leaf with --crypto, else the plaintext itself.
-    fn stored_bytes(&mut self, id: &SectorId) -> Result<(Vec<u8>, Option<Digest>)> {
+    /// The bytes to store as each of `ids`, freshly made: the sealed records and
+    /// their Merkle leaves with --crypto (hashed together, as the filesystem layer
+    /// hashes a commit's records), else the plaintexts themselves.
+    fn stored_records(&mut self, ids: &[SectorId]) -> Result<Vec<(Vec<u8>, Option<Digest>)>> {
         let size = self.plaintext.len();
-        let offset = self.rng.below(size as u64) as usize;
-        self.writes += 1;
-        let stamp = self.writes.to_le_bytes();
-        let stamped = stamp.len().min(size);
-        match &self.sealing {
-            Some(sealing) => {
-                self.plaintext
-                    .copy_from_slice(&self.template[offset..offset + size]);
-                self.plaintext[..stamped].copy_from_slice(&stamp[..stamped]);
-                let record = sealing.sealer.seal_to_vec(id, &self.plaintext)?;
-                let leaf = MerkleTree::leaf_hash(TREE_HASH, &record);
-                Ok((record, Some(leaf)))
-            }
-            None => {
-                // One copy, straight into the vector the engine takes.
-                let mut payload = self.template[offset..offset + size].to_vec();
-                payload[..stamped].copy_from_slice(&stamp[..stamped]);
-                Ok((payload, None))
+        let mut records = Vec::with_capacity(ids.len());
+        for id in ids {
+            let offset = self.rng.below(size as u64) as usize;
+            self.writes += 1;
+            let stamp = self.writes.to_le_bytes();
+            let stamped = stamp.len().min(size);
+            match &self.sealing {
+                Some(sealing) => {
+                    self.plaintext
+                        .copy_from_slice(&self.template[offset..offset + size]);
+                    self.plaintext[..stamped].copy_from_slice(&stamp[..stamped]);
+                    records.push(sealing.sealer.seal_to_vec(id, &self.plaintext)?);
+                }
+                None => {
+                    // One copy, straight into the vector the engine takes.
+                    let mut payload = self.template[offset..offset + size].to_vec();
+                    payload[..stamped].copy_from_slice(&stamp[..stamped]);
+                    records.push(payload);
+                }
             }
         }
+        let leaves: Vec<Option<Digest>> = match self.sealing {
+            Some(_) => {
+                let views: Vec<&[u8]> = records.iter().map(Vec::as_slice).collect();
+                MerkleTree::leaf_hashes(TREE_HASH, &views)
+                    .into_iter()
+                    .map(Some)
+                    .collect()
+            }
+            None => vec![None; records.len()],
+        };
+        Ok(records.into_iter().zip(leaves).collect())
     }
 
     /// Writes the job's whole region in big batches, several in flight, with one
@@ -985,10 +1041,11 @@ impl JobWork {
                     let end = (next + per_batch).min(self.region);
                     let mut batch = WriteBatch::new();
                     let mut leaves = Vec::new();
-                    for slot in next..end {
-                        let id = self.sector_id(slot);
-                        let (bytes, leaf) = self.stored_bytes(&id)?;
-                        batch.put(id, bytes);
+                    let ids: Vec<SectorId> = (next..end).map(|slot| self.sector_id(slot)).collect();
+                    for ((slot, id), (bytes, leaf)) in
+                        (next..end).zip(ids.iter()).zip(self.stored_records(&ids)?)
+                    {
+                        batch.put(*id, bytes);
                         leaves.extend(leaf.map(|leaf| (slot, leaf)));
                     }
                     if let Some(sealing) = &mut self.sealing {
@@ -1011,56 +1068,144 @@ impl JobWork {
         })
     }
 
-    /// Prepares the next operation and hands it to the engine.
-    fn submit(&mut self, context: &RunContext) -> Op {
+    /// Prepares up to `count` operations and hands them to the engine. The writes
+    /// among them are prepared together (sealed, then hashed at once), each still
+    /// its own one-sector batch and Merkle update.
+    fn submit_up_to(&mut self, context: &RunContext, count: usize) -> Vec<Op> {
         let plan = &context.plan;
         let engine = &context.engine;
         let started = Instant::now();
-        if plan.flush_every > 1 && self.writes_since_flush >= plan.flush_every {
-            self.writes_since_flush = 0;
-            return Op {
-                submitted: Submitted::Flush(engine.flush()),
-                kind: OpKind::Flush,
-                slot: None,
-                started,
+        let mut ops = Vec::with_capacity(count);
+        let mut writes = Vec::new();
+        for _ in 0..count {
+            if plan.flush_every > 1 && self.writes_since_flush >= plan.flush_every {
+                // The flush covers the writes decided before it.
+                self.submit_writes(context, &mut writes, started, &mut ops);
+                self.writes_since_flush = 0;
+                ops.push(Op {
+                    submitted: Submitted::Flush(engine.flush()),
+                    kind: OpKind::Flush,
+                    slot: None,
+                    started,
+                });
+                continue;
+            }
+            let read = match plan.read_percent {
+                0 => false,
+                100 => true,
+                percent => self.rng.below(100) < u64::from(percent),
             };
-        }
-        let read = match plan.read_percent {
-            0 => false,
-            100 => true,
-            percent => self.rng.below(100) < u64::from(percent),
-        };
-        let slot = self.next_slot(plan.pattern);
-        self.set_busy(slot, true);
-        let id = self.sector_id(slot);
-        let (submitted, kind) = if read {
+            if !read {
+                self.writes_since_flush += 1;
+                match self.next_write(plan.pattern) {
+                    Ok(write) => ops.push(self.submit_prepared(context, write)),
+                    Err(fresh) => writes.push(fresh),
+                }
+                continue;
+            }
+            let slot = self.next_slot(plan.pattern);
+            self.set_busy(slot, true);
+            let id = self.sector_id(slot);
             let expected_leaf = self
                 .sealing
                 .as_ref()
                 .and_then(|sealing| sealing.tree.leaf(slot));
-            let pending = engine.read(id);
-            let submitted = Submitted::Read {
-                pending,
-                id,
-                expected_leaf,
-            };
-            (submitted, OpKind::Read)
-        } else {
-            (self.submit_write(context, id, slot), OpKind::Write)
+            ops.push(Op {
+                submitted: Submitted::Read {
+                    pending: engine.read(id),
+                    id,
+                    expected_leaf,
+                },
+                kind: OpKind::Read,
+                slot: Some(slot),
+                started,
+            });
+        }
+        self.submit_writes(context, &mut writes, started, &mut ops);
+        ops
+    }
+
+    /// The next write: one prepared ahead, or a free sector picked now (then
+    /// prepared by [`submit_writes`](Self::submit_writes)).
+    fn next_write(&mut self, pattern: Pattern) -> Result<PreparedWrite, (SectorId, u64)> {
+        if let Some(write) = self.prepared.pop_front() {
+            return Ok(write);
+        }
+        let slot = self.next_slot(pattern);
+        self.set_busy(slot, true);
+        Err((self.sector_id(slot), slot))
+    }
+
+    /// Prepares `writes` together and hands each to the engine, emptying `writes`.
+    /// With --crypto, it prepares at least [`PREPARE_TOGETHER`] writes, keeping
+    /// those not asked for in `prepared` (when the region has room for them).
+    fn submit_writes(
+        &mut self,
+        context: &RunContext,
+        writes: &mut Vec<(SectorId, u64)>,
+        started: Instant,
+        ops: &mut Vec<Op>,
+    ) {
+        if writes.is_empty() {
+            return;
+        }
+        let asked = writes.len();
+        // At most PREPARE_TOGETHER - 1 writes wait prepared (more are prepared only
+        // once they are used up), so with this much room `next_slot` always finds a
+        // free sector.
+        let room = context.plan.qd as u64 + PREPARE_TOGETHER as u64 <= self.region;
+        if self.sealing.is_some() && room {
+            while writes.len() < PREPARE_TOGETHER {
+                let slot = self.next_slot(context.plan.pattern);
+                self.set_busy(slot, true);
+                writes.push((self.sector_id(slot), slot));
+            }
+        }
+        let ids: Vec<SectorId> = writes.iter().map(|(id, _)| *id).collect();
+        let stored: Vec<Result<_, String>> = match self.stored_records(&ids) {
+            Ok(records) => records.into_iter().map(Ok).collect(),
+            Err(error) => {
+                let message = format!("sealing failed: {error:#}");
+                ids.iter().map(|_| Err(message.clone())).collect()
+            }
         };
-        Op {
-            submitted,
-            kind,
-            slot: Some(slot),
-            started,
+        for (position, ((id, slot), stored)) in writes.drain(..).zip(stored).enumerate() {
+            let write = PreparedWrite {
+                id,
+                slot,
+                stored,
+                started,
+            };
+            if position < asked {
+                ops.push(self.submit_prepared(context, write));
+            } else {
+                self.prepared.push_back(write);
+            }
         }
     }
 
-    fn submit_write(&mut self, context: &RunContext, id: SectorId, slot: u64) -> Submitted {
-        let (bytes, leaf) = match self.stored_bytes(&id) {
-            Ok(stored) => stored,
-            Err(error) => return Submitted::Failed(format!("sealing failed: {error:#}")),
+    /// Hands a prepared write to the engine.
+    fn submit_prepared(&mut self, context: &RunContext, write: PreparedWrite) -> Op {
+        let submitted = match write.stored {
+            Ok((bytes, leaf)) => self.submit_write(context, write.id, write.slot, bytes, leaf),
+            Err(message) => Submitted::Failed(message),
         };
+        Op {
+            submitted,
+            kind: OpKind::Write,
+            slot: Some(write.slot),
+            started: write.started,
+        }
+    }
+
+    fn submit_write(
+        &mut self,
+        context: &RunContext,
+        id: SectorId,
+        slot: u64,
+        bytes: Vec<u8>,
+        leaf: Option<Digest>,
+    ) -> Submitted {
         if let (Some(sealing), Some(leaf)) = (&mut self.sealing, leaf) {
             // This write is a batch of one sector, so its batched Merkle update has
             // one leaf.
@@ -1070,7 +1215,6 @@ impl JobWork {
         }
         let mut batch = WriteBatch::new();
         batch.put(id, bytes);
-        self.writes_since_flush += 1;
         Submitted::Write(if context.plan.flush_every == 1 {
             context.engine.write_durable(batch)
         } else {

@@ -1,6 +1,11 @@
 //! Hash algorithms and digests (SHA-256 and SHA-512), and HMAC over them.
 //!
 //! Backed by aws-lc-rs, whose SHA-2 assembly uses SHA-NI where the CPU has it.
+//! [`HashAlgorithm::hash_many`] hashes a batch of SHA-256 messages with their SHA-NI
+//! rounds interleaved ([`interleaved`]), which one stream cannot do.
+
+#[cfg(target_arch = "x86_64")]
+mod interleaved;
 
 use aws_lc_rs::{digest, hmac};
 use serde::{Deserialize, Serialize};
@@ -66,6 +71,23 @@ impl HashAlgorithm {
             context.update(part);
         }
         Digest::from_slice(self, context.finish().as_ref())
+    }
+
+    /// The digest of each message, a message being the concatenation of its parts:
+    /// what [`hash`](Self::hash) gives for each, computed together.
+    ///
+    /// SHA-256 messages are hashed several at a time with their SHA-NI rounds
+    /// interleaved where the CPU has SHA-NI, so a batch (a commit's sector records)
+    /// hashes faster than one message after another.
+    pub fn hash_many(self, messages: &[&[&[u8]]]) -> Vec<Digest> {
+        #[cfg(target_arch = "x86_64")]
+        if self == HashAlgorithm::Sha256 && messages.len() > 1 && interleaved::available() {
+            return interleaved::digests(messages)
+                .iter()
+                .map(|digest| Digest::from_slice(self, digest))
+                .collect();
+        }
+        messages.iter().map(|parts| self.hash(parts)).collect()
     }
 
     /// HMAC of the concatenation of `parts` under `key`.
