@@ -129,6 +129,11 @@ pub struct EngineStats {
     /// Payload bytes compaction has copied out of partly dead segments since
     /// the store was opened: the write amplification it added.
     pub moved_bytes: u64,
+    /// Rounds of `fdatasync` the shards ran since the store was opened.
+    pub sync_rounds: u64,
+    /// Chunks written with `RWF_DSYNC` since the store was opened: durable writes
+    /// that needed no round of `fdatasync`.
+    pub dsync_chunks: u64,
 }
 
 struct Inner {
@@ -478,6 +483,8 @@ impl Engine {
                 segments,
                 index_bytes,
                 moved_bytes,
+                sync_rounds,
+                dsync_chunks,
             } = pending.wait()?;
             total.live_sectors += live_sectors;
             total.live_bytes += live_bytes;
@@ -485,6 +492,8 @@ impl Engine {
             total.segments += segments;
             total.index_bytes += index_bytes;
             total.moved_bytes += moved_bytes;
+            total.sync_rounds += sync_rounds;
+            total.dsync_chunks += dsync_chunks;
         }
         Ok(total)
     }
@@ -743,6 +752,45 @@ mod tests {
             );
         }
         assert_eq!(engine.read(id(7, 100)).wait().unwrap(), None);
+        engine.shutdown().unwrap();
+    }
+
+    #[test]
+    fn durable_writes_alone_need_no_fdatasync_but_wait_for_one_after_a_plain_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = Engine::create(small(dir.path(), 1, 1 << 20, 64 << 10), 7).unwrap();
+        for index in 0..20 {
+            let mut batch = WriteBatch::new();
+            batch.put(id(7, index), vec![1; 4096]);
+            engine.write_durable(batch).wait().unwrap();
+        }
+        let alone = engine.stats().unwrap();
+        assert_eq!(alone.sync_rounds, 0, "{alone:?}");
+        assert!(alone.dsync_chunks >= 20, "{alone:?}");
+        // A plain write completed before a durable one: the durable write must
+        // make it durable too, which its own RWF_DSYNC does not.
+        let mut plain = WriteBatch::new();
+        plain.put(id(7, 100), vec![2; 4096]);
+        engine.write(plain).wait().unwrap();
+        let mut durable = WriteBatch::new();
+        durable.put(id(7, 101), vec![3; 4096]);
+        engine.write_durable(durable).wait().unwrap();
+        let after = engine.stats().unwrap();
+        assert_eq!(after.sync_rounds, 1, "{after:?}");
+        assert_eq!(after.dsync_chunks, alone.dsync_chunks, "{after:?}");
+        // Synced again, durable writes go back to RWF_DSYNC.
+        let mut again = WriteBatch::new();
+        again.put(id(7, 102), vec![4; 4096]);
+        engine.write_durable(again).wait().unwrap();
+        assert_eq!(engine.stats().unwrap().dsync_chunks, alone.dsync_chunks + 1);
+        engine.shutdown().unwrap();
+        let engine = Engine::open(small(dir.path(), 1, 1 << 20, 64 << 10)).unwrap();
+        for (index, expected) in [(0, 1), (19, 1), (100, 2), (101, 3), (102, 4)] {
+            assert_eq!(
+                engine.read(id(7, index)).wait().unwrap(),
+                Some(vec![expected; 4096])
+            );
+        }
         engine.shutdown().unwrap();
     }
 

@@ -1563,6 +1563,8 @@ struct StatsReport {
     segments: u64,
     index_bytes: u64,
     moved_bytes: u64,
+    sync_rounds: u64,
+    dsync_chunks: u64,
 }
 
 impl From<&EngineStats> for StatsReport {
@@ -1574,6 +1576,8 @@ impl From<&EngineStats> for StatsReport {
             segments: stats.segments,
             index_bytes: stats.index_bytes,
             moved_bytes: stats.moved_bytes,
+            sync_rounds: stats.sync_rounds,
+            dsync_chunks: stats.dsync_chunks,
         }
     }
 }

@@ -21,7 +21,7 @@ use std::arch::x86_64::{
 const BLOCK: usize = 64;
 
 /// How many messages share the SHA unit at a time. Four keeps the unit busy on the
-/// cores we measured (AMD Zen 4) without running out of the 16 XMM registers.
+/// cores we measured (AMD Zen 5) without running out of the 16 XMM registers.
 const LANES: usize = 4;
 
 /// The round constants, FIPS 180-4 § 4.2.2.

@@ -9,7 +9,8 @@
 //! A write becomes visible (enters the index) when its chunk is written; for a
 //! batch that spans shards, only when every shard has written its part
 //! ([`BatchTracker`]). A write is reported durable only after an `fdatasync`
-//! that started after its chunk was written.
+//! that started after its chunk was written, or once its chunk, written with
+//! `RWF_DSYNC` after everything before it was synced, completes ([`dsync`]).
 
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -23,6 +24,7 @@ use crossbeam_channel::{Receiver, TryRecvError};
 use io_uring::{opcode, types};
 
 mod compaction;
+mod dsync;
 mod layout;
 mod wake;
 
@@ -148,6 +150,8 @@ pub(crate) struct ShardStats {
     pub segments: u64,
     pub index_bytes: u64,
     pub moved_bytes: u64,
+    pub sync_rounds: u64,
+    pub dsync_chunks: u64,
 }
 
 enum Buffer {
@@ -181,6 +185,8 @@ struct PartState {
     records: Vec<PartRecord>,
     chunks_left: usize,
     error: Option<EngineError>,
+    /// Every chunk holding its records was written with `RWF_DSYNC`.
+    dsync_only: bool,
 }
 
 enum Op {
@@ -191,6 +197,8 @@ enum Op {
         sequence: u64,
         len: usize,
         members: Vec<(usize, usize)>,
+        /// Written with `RWF_DSYNC`: durable once it completes.
+        dsync: bool,
     },
     Read {
         key: Key,
@@ -242,6 +250,9 @@ struct Shard {
     sync_waiters: Vec<Done>,
     sync: Option<SyncRound>,
     dirty: BTreeSet<u32>,
+    dsync: dsync::DsyncLedger,
+    /// Rounds of `fdatasync` started (for [`ShardStats`]).
+    sync_rounds: u64,
     shutdown: Option<Done>,
     /// A checkpoint asked for: (epoch, seal first, where to report).
     checkpoint: Option<(u64, bool, CheckpointReply)>,
@@ -374,6 +385,8 @@ impl Shard {
             sync_waiters: Vec::new(),
             sync: None,
             dirty: BTreeSet::new(),
+            dsync: dsync::DsyncLedger::default(),
+            sync_rounds: 0,
             shutdown: None,
             checkpoint: None,
             pending_keys: HashMap::new(),
@@ -545,6 +558,8 @@ impl Shard {
             segments: self.segments.len() as u64,
             index_bytes: self.index.heap_bytes() as u64,
             moved_bytes: self.compaction.moved_bytes,
+            sync_rounds: self.sync_rounds,
+            dsync_chunks: self.dsync.chunks,
         }
     }
 
@@ -663,6 +678,7 @@ impl Shard {
             done: Some(done),
             records: Vec::with_capacity(records.len()),
             chunks_left: 0,
+            dsync_only: true,
             error: None,
         };
         let part_slot = slab_insert(&mut self.parts, &mut self.free_parts, state);
@@ -789,24 +805,41 @@ impl Shard {
                 }
                 self.release(building.buffer);
                 self.fail_members(&building.members, error);
+                // Nothing was written under this sequence: nothing to sync.
+                self.dsync.settle(sequence, &mut self.synced_through);
                 return;
             }
         };
         let Some(file) = self.segments.get(&segment).map(|s| s.file.as_raw_fd()) else {
             unreachable!("reserve returns an open segment");
         };
+        let has_durable = building.members.iter().any(
+            |(part_slot, _)| matches!(self.parts.get(*part_slot), Some(Some(part)) if part.durable),
+        );
+        // A round of fdatasync in flight may still be syncing plain chunks.
+        let unsynced = !self.dirty.is_empty() || self.sync.is_some();
+        let dsync = has_durable && self.dsync.may_dsync(unsynced);
+        for (part_slot, _) in &building.members {
+            if let Some(Some(part)) = self.parts.get_mut(*part_slot) {
+                part.dsync_only &= dsync;
+            }
+        }
+        let flags = if dsync { libc::RWF_DSYNC } else { 0 };
         let entry = match &mut building.buffer {
             Buffer::Fixed(index) => {
                 let pointer = self.ring.buffers[*index as usize].as_mut_ptr();
                 opcode::WriteFixed::new(types::Fd(file), pointer, len as u32, *index)
                     .offset(position)
+                    .rw_flags(flags)
                     .build()
             }
             Buffer::Owned(owned) => opcode::Write::new(types::Fd(file), owned.as_ptr(), len as u32)
                 .offset(position)
+                .rw_flags(flags)
                 .build(),
         };
         self.writes_in_flight.insert(sequence);
+        self.dsync.queued(dsync);
         let slot = self.op_slot(Op::WriteChunk {
             buffer: building.buffer,
             segment,
@@ -814,6 +847,7 @@ impl Shard {
             sequence,
             len,
             members: building.members,
+            dsync,
         });
         // SAFETY: the chunk buffer is owned by `self.ops[slot]` (or is a registered
         // buffer off the free list) until this write is reaped.
@@ -909,11 +943,13 @@ impl Shard {
         let dirty: Vec<u32> = std::mem::take(&mut self.dirty).into_iter().collect();
         if dirty.is_empty() {
             self.synced_through = self.synced_through.max(covers);
+            self.dsync.advance(&mut self.synced_through);
             for waiter in waiters {
                 waiter(Ok(()));
             }
             return;
         }
+        self.sync_rounds += 1;
         self.sync = Some(SyncRound {
             waiters,
             remaining: dirty.len(),
@@ -956,6 +992,7 @@ impl Shard {
         match round.error {
             None => {
                 self.synced_through = self.synced_through.max(round.covers);
+                self.dsync.advance(&mut self.synced_through);
                 for waiter in round.waiters {
                     waiter(Ok(()));
                 }
@@ -1043,6 +1080,7 @@ impl Shard {
                 sequence,
                 len,
                 members,
+                dsync,
             } => {
                 self.writes_in_flight.remove(&sequence);
                 self.release(buffer);
@@ -1053,9 +1091,14 @@ impl Shard {
                         source: std::io::Error::other(format!("{result} of {len} bytes")),
                     };
                     self.fail_members(&members, error);
+                    self.write_failed(dsync, sequence);
                     return;
                 }
-                self.dirty.insert(segment);
+                if !dsync {
+                    self.dirty.insert(segment);
+                }
+                self.dsync
+                    .completed(dsync, sequence, true, &mut self.synced_through);
                 self.chunk_written(segment, position, &members);
             }
             Op::Read {
@@ -1099,11 +1142,13 @@ impl Shard {
                 buffer,
                 sequence,
                 members,
+                dsync,
                 ..
             } => {
                 self.writes_in_flight.remove(&sequence);
                 self.release(buffer);
                 self.fail_members(&members, error);
+                self.write_failed(dsync, sequence);
             }
             Op::Read { buffer, reply, .. } => {
                 self.release(buffer);
@@ -1111,6 +1156,18 @@ impl Shard {
             }
             Op::Fsync => self.sync_done(Err(error)),
             Op::Zero { len } => self.zeroed(len, Err(error)),
+        }
+    }
+
+    /// Accounts for a chunk write that failed. A failed write holds
+    /// `synced_through` below it until a round of `fdatasync` covers it, as a
+    /// plain write's would; one is asked for, so chunks written with `RWF_DSYNC`
+    /// after it do not pile up in the ledger.
+    fn write_failed(&mut self, dsync: bool, sequence: u64) {
+        self.dsync
+            .completed(dsync, sequence, false, &mut self.synced_through);
+        if dsync {
+            self.sync_waiters.push(Box::new(|_| {}));
         }
     }
 
@@ -1192,13 +1249,13 @@ impl Shard {
                 };
                 match part.error {
                     Some(error) => done(Err(error)),
-                    None if part.durable => self.sync_waiters.push(done),
+                    None if part.durable && !part.dsync_only => self.sync_waiters.push(done),
                     None => done(Ok(())),
                 }
             }
             Some(tracker) => {
                 self.awaiting_resolve.insert(part.batch, part_slot);
-                if ok && part.durable {
+                if ok && part.durable && !part.dsync_only {
                     self.sync_waiters
                         .push(Box::new(move |result| tracker.part_written(result.is_ok())));
                 } else {
