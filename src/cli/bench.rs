@@ -15,7 +15,9 @@
 //!
 //! Queue depth is implemented per job with a [`FuturesUnordered`] of the engine's
 //! [`Pending`] futures on one thread (`block_on`): the job keeps `qd` operations
-//! outstanding and submits the next one as soon as one completes. Each job owns a
+//! outstanding and refills every slot that the completions already in have freed.
+//! Under `--crypto` its writes are prepared (sealed, then leaf-hashed together)
+//! four at a time, as the filesystem layer prepares a commit's sectors. Each job owns a
 //! region of the working set (a file of its own, inode `job + 1`) and never has two
 //! operations on one sector in flight, as the filesystem layer will not; that keeps
 //! every read's Merkle check exact under `--crypto`.
@@ -184,8 +186,9 @@ struct SectorsArgs {
     #[arg(long, value_name = "N", default_value_t = 0)]
     flush_every: u64,
     /// Seal every sector with AES-256-GCM and keep a SHA-256 Merkle tree per job (a
-    /// leaf hash and a batched update per write), as the filesystem layer will; reads
-    /// check the Merkle leaf and open the sector.
+    /// leaf hash and a batched update per write), as the filesystem layer does; reads
+    /// check the Merkle leaf and open the sector. Writes are prepared four at a time
+    /// and leaf-hashed together; a write's latency counts from its preparation.
     #[arg(long)]
     crypto: bool,
     /// Write the whole working set before measuring (automatic for read and mixed).
