@@ -340,10 +340,7 @@ impl FileMeta {
         revoked: &RevocationList,
     ) -> Result<(), MetaError> {
         let signed = signed_bytes(&self.body);
-        let digest = HashAlgorithm::Sha256
-            .hash(&[&signed, self.signature.as_bytes()])
-            .as_bytes()
-            .to_vec();
+        let digest = self.cache_digest(&signed);
         let writer = self.body.writer.principal();
         if VerifiedSignatures::knows(&cache.metas, &digest) {
             self.body
@@ -371,6 +368,25 @@ impl FileMeta {
         }
         VerifiedSignatures::remember(&cache.metas, cache.meta_capacity, digest);
         Ok(())
+    }
+
+    /// Remembers in `cache` that this metadata's signatures verified, without
+    /// checking them: only for metadata a verifier has just accepted (the sector
+    /// service took the batch that carried it), so that reading it back costs
+    /// [`verify_cached`](Self::verify_cached) no signature check. Expiry,
+    /// revocation and the subject are still checked on every read.
+    pub fn remember_accepted(&self, cache: &VerifiedSignatures) {
+        let digest = self.cache_digest(&signed_bytes(&self.body));
+        VerifiedSignatures::remember(&cache.metas, cache.meta_capacity, digest);
+    }
+
+    /// What [`VerifiedSignatures`] remembers metadata by: a digest of its signed
+    /// bytes and its signature.
+    fn cache_digest(&self, signed: &[u8]) -> Vec<u8> {
+        HashAlgorithm::Sha256
+            .hash(&[signed, self.signature.as_bytes()])
+            .as_bytes()
+            .to_vec()
     }
 
     /// The signed fields. Trust them only after [`FileMeta::verify`].

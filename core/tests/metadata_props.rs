@@ -722,6 +722,51 @@ fn remembered_signatures_never_excuse_a_change_an_expiry_or_a_revocation() {
 }
 
 #[test]
+fn accepted_metadata_skips_only_its_signature_check() {
+    let fixture = &*FIXTURE;
+    let cache = VerifiedSignatures::new(4, 4);
+    let built = build(&sample_plan(true));
+    built.meta.remember_accepted(&cache);
+    // A forged signature over an edit is not what was accepted: checked afresh.
+    let mut body = built.meta.body().clone();
+    body.sector_count += 1;
+    let tampered = with_old_signature(body, &built.meta);
+    assert!(matches!(
+        tampered.verify_cached(&cache, &fixture.directory, NOW, &nobody_revoked()),
+        Err(MetaError::BadSignature)
+    ));
+    // The accepted metadata itself passes, while expiry, revocation and the
+    // directory are still judged on every read.
+    built
+        .meta
+        .verify_cached(&cache, &fixture.directory, NOW, &nobody_revoked())
+        .unwrap();
+    assert!(matches!(
+        built.meta.verify_cached(
+            &cache,
+            &fixture.directory,
+            now_plus(3600),
+            &nobody_revoked()
+        ),
+        Err(MetaError::Writecap(WritecapError::Expired { index: 0, .. }))
+    ));
+    let mut revoked = RevocationList::new();
+    revoked.revoke(principal_of(&fixture.writer));
+    assert!(
+        built
+            .meta
+            .verify_cached(&cache, &fixture.directory, NOW, &revoked)
+            .is_err()
+    );
+    assert!(
+        built
+            .meta
+            .verify_cached(&cache, &fixture.sibling, NOW, &nobody_revoked())
+            .is_err()
+    );
+}
+
+#[test]
 fn only_the_writecap_subject_can_sign() {
     let built = build(&sample_plan(true));
     let body = built.meta.into_body();

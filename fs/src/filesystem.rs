@@ -239,7 +239,7 @@ impl FileSystem {
             files: vec![write],
             removes: Vec::new(),
         })?;
-        node.finish_commit(meta);
+        node.finish_commit(&self.ctx, meta);
         self.ctx.service.flush()?;
         Ok(())
     }
@@ -475,7 +475,7 @@ impl FileSystem {
             removes: Vec::new(),
         }) {
             Ok(()) => {
-                node.finish_commit(meta);
+                node.finish_commit(&self.ctx, meta);
                 Ok(())
             }
             Err(error) => {
@@ -583,7 +583,7 @@ impl FileSystem {
         match result {
             Ok(metas) => {
                 for (index, meta) in metas {
-                    guards[index].finish_commit(meta);
+                    guards[index].finish_commit(&self.ctx, meta);
                 }
                 Ok(())
             }

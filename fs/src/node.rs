@@ -807,8 +807,11 @@ impl NodeState {
         Ok(Some(FileWrite { meta, data, holes }))
     }
 
-    /// Installs the committed metadata; committed sectors move to the cache.
-    pub fn finish_commit(&mut self, meta: FileMeta) {
+    /// Installs the committed metadata; committed sectors move to the cache. The
+    /// store accepted the metadata, so its signature counts as verified when the
+    /// node is loaded again.
+    pub fn finish_commit(&mut self, ctx: &Ctx, meta: FileMeta) {
+        meta.remember_accepted(&ctx.verified_signatures);
         self.body = meta.into_body();
         self.stored = true;
         let now = Instant::now();
