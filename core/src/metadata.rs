@@ -222,47 +222,71 @@ impl MetaBody {
 /// metadata read again unchanged (a file system reloading a node it dropped
 /// from its cache) needs no signature check at all. Each check saved is an
 /// ECDSA verification, about 50 µs. What changes with time (expiry,
-/// revocation) is checked every time. Bounded: each set forgets everything
-/// when full.
+/// revocation) is checked every time. Bounded: each set keeps the most recently
+/// used entries, up to its capacity.
 pub struct VerifiedSignatures {
-    chains: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
-    metas: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
-    chain_capacity: usize,
-    meta_capacity: usize,
+    chains: std::sync::Mutex<Recent>,
+    metas: std::sync::Mutex<Recent>,
+}
+
+/// A bounded set that forgets its least recently used half at a time: two
+/// generations of at most half the capacity each; a hit in the older one moves
+/// the entry to the newer, and a full newer generation replaces the older.
+struct Recent {
+    newer: std::collections::HashSet<Vec<u8>>,
+    older: std::collections::HashSet<Vec<u8>>,
+    half: usize,
+}
+
+impl Recent {
+    fn new(capacity: usize) -> Recent {
+        Recent {
+            newer: std::collections::HashSet::new(),
+            older: std::collections::HashSet::new(),
+            half: (capacity / 2).max(1),
+        }
+    }
+
+    fn contains(&mut self, item: &[u8]) -> bool {
+        if self.newer.contains(item) {
+            return true;
+        }
+        match self.older.take(item) {
+            Some(item) => {
+                self.insert(item);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn insert(&mut self, item: Vec<u8>) {
+        if self.newer.len() >= self.half {
+            self.older = std::mem::take(&mut self.newer);
+        }
+        self.newer.insert(item);
+    }
 }
 
 impl VerifiedSignatures {
     /// Remembers at most `chains` writecap chains and `metas` metadata.
     pub fn new(chains: usize, metas: usize) -> VerifiedSignatures {
         VerifiedSignatures {
-            chains: std::sync::Mutex::new(std::collections::HashSet::new()),
-            metas: std::sync::Mutex::new(std::collections::HashSet::new()),
-            chain_capacity: chains,
-            meta_capacity: metas,
+            chains: std::sync::Mutex::new(Recent::new(chains)),
+            metas: std::sync::Mutex::new(Recent::new(metas)),
         }
     }
 
-    fn knows<T: std::hash::Hash + Eq>(
-        set: &std::sync::Mutex<std::collections::HashSet<T>>,
-        item: &T,
-    ) -> bool {
+    fn knows(set: &std::sync::Mutex<Recent>, item: &[u8]) -> bool {
         set.lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .contains(item)
     }
 
-    fn remember<T: std::hash::Hash + Eq>(
-        set: &std::sync::Mutex<std::collections::HashSet<T>>,
-        capacity: usize,
-        item: T,
-    ) {
-        let mut set = set
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if set.len() >= capacity {
-            set.clear();
-        }
-        set.insert(item);
+    fn remember(set: &std::sync::Mutex<Recent>, item: Vec<u8>) {
+        set.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(item);
     }
 }
 
@@ -364,9 +388,9 @@ impl FileMeta {
             .verify(&signed, &self.signature)
             .map_err(|_| MetaError::BadSignature)?;
         if !chain_known {
-            VerifiedSignatures::remember(&cache.chains, cache.chain_capacity, chain);
+            VerifiedSignatures::remember(&cache.chains, chain);
         }
-        VerifiedSignatures::remember(&cache.metas, cache.meta_capacity, digest);
+        VerifiedSignatures::remember(&cache.metas, digest);
         Ok(())
     }
 
@@ -377,7 +401,7 @@ impl FileMeta {
     /// revocation and the subject are still checked on every read.
     pub fn remember_accepted(&self, cache: &VerifiedSignatures) {
         let digest = self.cache_digest(&signed_bytes(&self.body));
-        VerifiedSignatures::remember(&cache.metas, cache.meta_capacity, digest);
+        VerifiedSignatures::remember(&cache.metas, digest);
     }
 
     /// What [`VerifiedSignatures`] remembers metadata by: a digest of its signed
@@ -402,5 +426,27 @@ impl FileMeta {
     /// The writer's signature.
     pub fn signature(&self) -> &Signature {
         &self.signature
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Recent;
+
+    #[test]
+    fn recent_forgets_the_least_recently_used_half() {
+        let mut recent = Recent::new(4);
+        for item in [b"a", b"b", b"c"] {
+            recent.insert(item.to_vec());
+        }
+        // "a" and "b" moved to the older half when "c" came; a hit on "a" brings
+        // it back, so the next turnover forgets "b" and keeps "a".
+        assert!(recent.contains(b"a"));
+        recent.insert(b"d".to_vec());
+        assert!(recent.contains(b"a"));
+        assert!(recent.contains(b"c"));
+        assert!(recent.contains(b"d"));
+        assert!(!recent.contains(b"b"));
+        assert!(recent.newer.len() + recent.older.len() <= 4);
     }
 }
