@@ -172,29 +172,35 @@ fn mixed_durable_writes_report_both_kinds() {
     }
 }
 
-#[test]
-fn crypto_seals_on_write_and_verifies_on_read() {
-    let dir = tempfile::tempdir().unwrap();
-    // Mixed, so that reads open and Merkle-check records that the same run sealed
-    // and overwrote; a failed check would show as errors.
-    let report = sectors_json(
+/// One second of `--crypto --rw mixed` over `size` in 8 KiB sectors at QD 8, with
+/// a flush every `flush_every` writes, in a fresh directory.
+fn mixed_crypto_run(size: &str, flush_every: &str) -> Value {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    sectors_json(
         dir.path(),
         &[
             "--crypto",
             "--rw",
             "mixed",
             "--size",
-            "4M",
+            size,
             "--sector-size",
             "8K",
             "--qd",
             "8",
             "--flush-every",
-            "16",
+            flush_every,
             "--duration",
             "1",
         ],
-    );
+    )
+}
+
+#[test]
+fn crypto_seals_on_write_and_verifies_on_read() {
+    // Mixed, so that reads open and Merkle-check records that the same run sealed
+    // and overwrote; a failed check would show as errors.
+    let report = mixed_crypto_run("4M", "16");
     assert_sane(&report);
     assert_eq!(report["crypto"], true);
     assert!(number(&report["read"], "ops") > 0.0, "{report}");
@@ -206,27 +212,8 @@ fn crypto_in_regions_barely_larger_than_the_queue() {
     // With --crypto, writes are prepared ahead in groups; that needs free sectors
     // beyond the queue. Regions of exactly the queue, one short of the room needed
     // and just enough must all run (a job with no free sector would spin forever).
-    for sectors in ["8", "11", "12"] {
-        let dir = tempfile::tempdir().unwrap();
-        let size = format!("{}K", sectors.parse::<u64>().unwrap() * 8);
-        let report = sectors_json(
-            dir.path(),
-            &[
-                "--crypto",
-                "--rw",
-                "mixed",
-                "--size",
-                &size,
-                "--sector-size",
-                "8K",
-                "--qd",
-                "8",
-                "--flush-every",
-                "3",
-                "--duration",
-                "1",
-            ],
-        );
+    for sectors in [8, 11, 12] {
+        let report = mixed_crypto_run(&format!("{}K", sectors * 8), "3");
         assert_sane(&report);
         assert!(
             number(&report["write"], "ops") > 0.0,

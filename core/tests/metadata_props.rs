@@ -687,31 +687,8 @@ fn remembered_signatures_never_excuse_a_change_an_expiry_or_a_revocation() {
         tampered.verify_cached(&cache, &fixture.directory, NOW, &nobody_revoked()),
         Err(MetaError::BadSignature)
     ));
-    assert!(matches!(
-        built.meta.verify_cached(
-            &cache,
-            &fixture.directory,
-            now_plus(3600),
-            &nobody_revoked()
-        ),
-        Err(MetaError::Writecap(WritecapError::Expired { index: 0, .. }))
-    ));
-    let mut revoked = RevocationList::new();
-    revoked.revoke(principal_of(&fixture.writer));
-    assert!(matches!(
-        built
-            .meta
-            .verify_cached(&cache, &fixture.directory, NOW, &revoked),
-        Err(MetaError::Writecap(WritecapError::Revoked(_)))
-    ));
-    // Another directory is judged afresh, and more metadata than the cache
-    // holds is still verified correctly.
-    assert!(
-        built
-            .meta
-            .verify_cached(&cache, &fixture.sibling, NOW, &nobody_revoked())
-            .is_err()
-    );
+    still_judged_on_time_revocation_and_place(&built.meta, &cache);
+    // More metadata than the cache holds is still verified correctly.
     for inode in 0..10 {
         let mut plan = sample_plan(false);
         plan.ids.inode = inode;
@@ -741,27 +718,25 @@ fn accepted_metadata_skips_only_its_signature_check() {
         .meta
         .verify_cached(&cache, &fixture.directory, NOW, &nobody_revoked())
         .unwrap();
+    still_judged_on_time_revocation_and_place(&built.meta, &cache);
+}
+
+/// A remembered signature never excuses an expired writecap, a revoked writer or
+/// another directory.
+fn still_judged_on_time_revocation_and_place(meta: &FileMeta, cache: &VerifiedSignatures) {
+    let fixture = &*FIXTURE;
     assert!(matches!(
-        built.meta.verify_cached(
-            &cache,
-            &fixture.directory,
-            now_plus(3600),
-            &nobody_revoked()
-        ),
+        meta.verify_cached(cache, &fixture.directory, now_plus(3600), &nobody_revoked()),
         Err(MetaError::Writecap(WritecapError::Expired { index: 0, .. }))
     ));
     let mut revoked = RevocationList::new();
     revoked.revoke(principal_of(&fixture.writer));
+    assert!(matches!(
+        meta.verify_cached(cache, &fixture.directory, NOW, &revoked),
+        Err(MetaError::Writecap(WritecapError::Revoked(_)))
+    ));
     assert!(
-        built
-            .meta
-            .verify_cached(&cache, &fixture.directory, NOW, &revoked)
-            .is_err()
-    );
-    assert!(
-        built
-            .meta
-            .verify_cached(&cache, &fixture.sibling, NOW, &nobody_revoked())
+        meta.verify_cached(cache, &fixture.sibling, NOW, &nobody_revoked())
             .is_err()
     );
 }
