@@ -317,8 +317,9 @@ impl Engine {
         self.submit(batch, false)
     }
 
-    /// Writes `batch` atomically and completes only once it is durable (it shares
-    /// the `fdatasync` of its round with every other flush: group commit).
+    /// Writes `batch` atomically and completes only once it is durable, and so is
+    /// every write its shards completed before it (it shares the sync of its round
+    /// with every other flush: group commit).
     pub fn write_durable(&self, batch: WriteBatch) -> Pending<()> {
         self.submit(batch, true)
     }

@@ -16,7 +16,9 @@
 //! segments and its own in-memory index; other threads reach it only through a
 //! crossbeam channel, so the hot path takes no lock. A shard appends every round of
 //! writes it receives as one chunk (group commit), written with O_DIRECT from
-//! registered buffers, and shares one `fdatasync` among all the flushes of the round.
+//! registered buffers, and shares one `fdatasync` among all the flushes of the round
+//! (or, when everything before it is synced, writes a durable round's chunk with
+//! `RWF_DSYNC` and needs none).
 //!
 //! A [`WriteBatch`] is atomic: its records carry the batch id and the shape of the
 //! batch, recovery keeps only batches whose every record is present, and a batch

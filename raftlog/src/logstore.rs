@@ -11,8 +11,9 @@
 //!   `(generation, STATE_INODE, Data(0 | 1 | 2))`.
 //!
 //! Appends are one engine batch written with `write_durable`: every append and
-//! vote of a round shares one `fdatasync` (group commit), and openraft's
-//! callback fires when it completes. Entries are readable from an in-memory
+//! vote of a round shares one chunk and its sync (group commit: one `fdatasync`,
+//! or the chunk's own `RWF_DSYNC` when nothing before it is unsynced), and
+//! openraft's callback fires when it completes. Entries are readable from an in-memory
 //! cache as soon as `append` returns and until they are durable (and, within a
 //! byte budget, after, for replication to followers).
 //!
