@@ -24,6 +24,11 @@
 //! Rounds are serialized: a reader that finds no valid lease waits for the
 //! round in flight and then checks the lease again, so concurrent readers
 //! share one heartbeat round instead of each starting their own.
+//!
+//! A round gives each follower one heartbeat interval to answer. A follower
+//! that is busy (a burst of appends to flush, a loaded machine) misses that
+//! without being gone, so a round short of a quorum is run again, for as long
+//! as a write would wait for its quorum, before the read fails.
 
 use crate::statemachine::MachineShared;
 use crate::store::lock;
@@ -33,6 +38,9 @@ use openraft::error::{CheckIsLeaderError, RaftError};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// The pause before a round short of a quorum is run again.
+const RETRY_PAUSE: Duration = Duration::from_millis(10);
 
 /// The lease a successful read-index round gave this leader.
 #[derive(Clone, Copy, Debug)]
@@ -49,6 +57,8 @@ struct Held {
 /// A leader's read lease and the serialization of its read-index rounds.
 pub(crate) struct ReadLease {
     duration: Duration,
+    /// How long rounds short of a quorum are retried before a read fails.
+    patience: Duration,
     held: Mutex<Option<Held>>,
     round: tokio::sync::Mutex<()>,
     /// Read-index rounds run (for status and tests).
@@ -59,10 +69,12 @@ pub(crate) struct ReadLease {
 pub(crate) type ReadIndexError = RaftError<NodeId, CheckIsLeaderError<NodeId, MemberNode>>;
 
 impl ReadLease {
-    /// A lease of half `election_timeout_min` (see the module documentation).
-    pub(crate) fn new(election_timeout_min: Duration) -> ReadLease {
+    /// A lease of half `election_timeout_min` (see the module documentation);
+    /// rounds short of a quorum are retried for `patience`.
+    pub(crate) fn new(election_timeout_min: Duration, patience: Duration) -> ReadLease {
         ReadLease {
             duration: election_timeout_min / 2,
+            patience,
             held: Mutex::new(None),
             round: tokio::sync::Mutex::new(()),
             rounds: AtomicU64::new(0),
@@ -86,27 +98,39 @@ impl ReadLease {
             return Ok(index);
         }
         let _round = self.round.lock().await;
-        // The round this reader waited for may have renewed the lease.
-        if let Some(index) = self.valid(raft, machine) {
-            return Ok(index);
+        let deadline = Instant::now() + self.patience;
+        loop {
+            // The round this reader waited for may have renewed the lease.
+            if let Some(index) = self.valid(raft, machine) {
+                return Ok(index);
+            }
+            let started = Instant::now();
+            let before = raft.metrics().borrow().vote;
+            self.rounds.fetch_add(1, Ordering::Relaxed);
+            let read = match raft.ensure_linearizable().await {
+                Ok(read) => read,
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))
+                    if Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(RETRY_PAUSE).await;
+                    continue;
+                }
+                Err(error) => return Err(error),
+            };
+            let metrics = raft.metrics().borrow().clone();
+            // Only a round run wholly under one committed leadership grants a lease.
+            if metrics.state == ServerState::Leader
+                && metrics.vote == before
+                && metrics.vote.is_committed()
+            {
+                *lock(&self.held) = Some(Held {
+                    leader: *metrics.vote.leader_id(),
+                    membership: *metrics.membership_config.log_id(),
+                    expires: started + self.duration,
+                });
+            }
+            return Ok(read.map(|id| id.index));
         }
-        let started = Instant::now();
-        let before = raft.metrics().borrow().vote;
-        self.rounds.fetch_add(1, Ordering::Relaxed);
-        let read = raft.ensure_linearizable().await?;
-        let metrics = raft.metrics().borrow().clone();
-        // Only a round run wholly under one committed leadership grants a lease.
-        if metrics.state == ServerState::Leader
-            && metrics.vote == before
-            && metrics.vote.is_committed()
-        {
-            *lock(&self.held) = Some(Held {
-                leader: *metrics.vote.leader_id(),
-                membership: *metrics.membership_config.log_id(),
-                expires: started + self.duration,
-            });
-        }
-        Ok(read.map(|id| id.index))
     }
 
     /// The index to wait for if this member leads under a valid lease.

@@ -134,7 +134,8 @@ pub struct RaftConfig {
     pub log_bytes: u64,
     /// How long a write waits to be committed and applied before it fails
     /// with [`ServiceError::Replication`] (outcome unknown): a leader cut off
-    /// from its majority cannot commit.
+    /// from its majority cannot commit. A linearizable read retries its
+    /// read-index round as long before it fails the same way.
     pub write_timeout: Duration,
 }
 
@@ -554,7 +555,7 @@ impl RaftService {
             inodes: Mutex::new(0..0),
             reserving: Mutex::new(()),
             leader_ready: Mutex::new(None),
-            lease: ReadLease::new(election_timeout_min),
+            lease: ReadLease::new(election_timeout_min, config.write_timeout),
         });
         if let Some(network) = &member.network {
             let _ = network.member.set(Arc::downgrade(&member));
