@@ -103,10 +103,13 @@ struct Pending {
 const PENDING_NODES: usize = 1024;
 /// New files up to this many buffered bytes wait for the staged commit on close.
 const SMALL_NEW_FILE: usize = 64 * 1024;
-/// Times a read that failed verification is planned again after catching up
-/// with changes other cluster members made, and the first pause before it
-/// (doubled, then tripled): about 60 ms in all before the read is EIO.
-const FOREIGN_READ_RETRIES: u32 = 3;
+/// How long a read that failed verification in a cluster is planned again,
+/// after catching up with changes other members made, before it is EIO; and
+/// its first pause, doubled each time up to a tenth of that. The announcement
+/// of another member's change may land well after its records on a loaded
+/// machine: 60 ms in all was too short for a follower-reads server during a
+/// full test run.
+const FOREIGN_READ_PATIENCE: Duration = Duration::from_secs(2);
 const FOREIGN_READ_BACKOFF: Duration = Duration::from_millis(10);
 /// The longest a namespace change waits before it is committed.
 pub const PENDING_AGE: Duration = Duration::from_secs(1);
@@ -1617,7 +1620,8 @@ impl FileSystem {
         let (node_ref, _, _) = self.handle(fh)?;
         // The records are fetched and verified without the node's lock, so reads
         // of one file (NBD queues, FUSE readahead) proceed in parallel.
-        let mut retries = 0;
+        let mut backoff = FOREIGN_READ_BACKOFF;
+        let mut deadline = None;
         loop {
             let plan = lock(&node_ref).plan_read(&self.ctx, offset, u64::from(size))?;
             let fetched = match plan.sectors.fetch(&self.ctx) {
@@ -1636,9 +1640,14 @@ impl FileSystem {
                 // read waits for the leader's commit index; the announcement
                 // of the change lands just after): reload and plan again,
                 // briefly, before calling it tampering.
-                Err(FsError::Io(_)) if self.foreign.is_some() && retries < FOREIGN_READ_RETRIES => {
-                    retries += 1;
-                    std::thread::sleep(FOREIGN_READ_BACKOFF * retries);
+                Err(FsError::Io(_))
+                    if self.foreign.is_some()
+                        && Instant::now()
+                            < *deadline
+                                .get_or_insert_with(|| Instant::now() + FOREIGN_READ_PATIENCE) =>
+                {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(FOREIGN_READ_PATIENCE / 10);
                     self.catch_up_foreign();
                 }
                 Err(error) => return Err(error),
