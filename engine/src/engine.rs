@@ -43,8 +43,38 @@ pub struct EngineConfig {
     pub buffered_reads: bool,
 }
 
+/// The environment variable that overrides the default segment size, in MiB
+/// ([`EngineConfig::new`]). A store allocates a segment per shard, and lays out
+/// one more ahead, as soon as it opens: about 770 MiB on two cores at the
+/// default 256 MiB. Test suites that start many small stores at once
+/// (`scripts/test` sets 32) and small devices want less.
+pub const SEGMENT_MIB_ENV: &str = "BLOCKTREE_SEGMENT_MIB";
+
+/// The default segment size: 256 MiB, or [`SEGMENT_MIB_ENV`] when it names a
+/// size from 4 MiB to 16 GiB.
+fn default_segment_bytes() -> u64 {
+    const DEFAULT: u64 = 256 << 20;
+    let Some(value) = std::env::var_os(SEGMENT_MIB_ENV) else {
+        return DEFAULT;
+    };
+    match value
+        .to_str()
+        .and_then(|mib| mib.trim().parse::<u64>().ok())
+    {
+        Some(mib @ 4..=16384) => mib << 20,
+        _ => {
+            tracing::warn!(
+                ?value,
+                "{SEGMENT_MIB_ENV} is not a size in MiB from 4 to 16384; using 256"
+            );
+            DEFAULT
+        }
+    }
+}
+
 impl EngineConfig {
-    /// Defaults for a store in `dir`: a shard per CPU, 256 MiB segments, 2 MiB chunks.
+    /// Defaults for a store in `dir`: a shard per CPU, 256 MiB segments (or
+    /// [`SEGMENT_MIB_ENV`]'s), 2 MiB chunks.
     pub fn new(dir: impl Into<PathBuf>) -> EngineConfig {
         let shards = std::thread::available_parallelism()
             .map(|n| n.get())
@@ -53,7 +83,7 @@ impl EngineConfig {
         EngineConfig {
             dir: dir.into(),
             shards,
-            segment_bytes: 256 << 20,
+            segment_bytes: default_segment_bytes(),
             chunk_bytes: 2 << 20,
             direct_io: true,
             checkpoint_bytes: 256 << 20,

@@ -39,6 +39,6 @@ pub mod superblock;
 mod uring;
 
 pub use blocktree_core::sector::{SectorId, SectorKind};
-pub use engine::{Engine, EngineConfig, EngineStats, WriteBatch};
+pub use engine::{Engine, EngineConfig, EngineStats, SEGMENT_MIB_ENV, WriteBatch};
 pub use error::EngineError;
 pub use pending::Pending;
