@@ -1805,8 +1805,11 @@ impl Member {
         self.handle.spawn(async move {
             let mut metrics = raft.metrics();
             loop {
-                let (leader, targets, recorded) = {
+                let (leader, targets, recorded, loaded) = {
                     let current = metrics.borrow();
+                    // Until openraft has read the membership from the log, the
+                    // metrics show an empty one without this member in it.
+                    let loaded = current.membership_config.log_id().is_some();
                     let membership = current.membership_config.membership();
                     let leader = current.current_leader;
                     // Ask the leader; not knowing it (its heartbeats go to
@@ -1825,12 +1828,17 @@ impl Member {
                             })
                             .collect(),
                     };
-                    (leader, targets, membership.get_node(&me).cloned())
+                    (leader, targets, membership.get_node(&me).cloned(), loaded)
                 };
-                if recorded.is_none_or(|recorded| recorded == node) {
-                    return;
+                match &recorded {
+                    Some(recorded) if *recorded == node => return,
+                    // Not a member (any more): nothing to record.
+                    None if loaded => return,
+                    _ => {}
                 }
-                if leader == Some(me) {
+                if recorded.is_none() {
+                    // The membership is still being read: wait for it below.
+                } else if leader == Some(me) {
                     let change = ChangeMembers::SetNodes(BTreeMap::from([(me, node.clone())]));
                     if let Err(error) = raft.change_membership(change, false).await {
                         tracing::warn!("recording this member's new address: {error}");

@@ -157,7 +157,11 @@ fn a_local_cluster_gets_a_network_records_its_address_and_takes_a_member() {
             }
             assert!(
                 Instant::now() < deadline,
-                "addresses not updated: {:?} / {:?}",
+                "addresses not updated (listening at {:?} / {:?}; leaders {:?} / {:?}): {:?} / {:?}",
+                first.local_addr(),
+                second.local_addr(),
+                first.status().leader,
+                second.status().leader,
                 first.status().voters,
                 second.status().voters
             );
