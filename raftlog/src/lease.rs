@@ -25,10 +25,12 @@
 //! round in flight and then checks the lease again, so concurrent readers
 //! share one heartbeat round instead of each starting their own.
 //!
-//! A round gives each follower one heartbeat interval to answer. A follower
-//! that is busy (a burst of appends to flush, a loaded machine) misses that
-//! without being gone, so a round short of a quorum is run again, for as long
-//! as a write would wait for its quorum, before the read fails.
+//! A round falls short of a quorum when followers answer with an error or not
+//! within a heartbeat interval: a connection still being set up after a join
+//! or a restart, a follower busy on a loaded machine. None of that means they
+//! are gone, so such a round is run again, a lease's length later (rounds stay
+//! at most one per lease), for as long as a write would wait for its quorum,
+//! before the read fails.
 
 use crate::statemachine::MachineShared;
 use crate::store::lock;
@@ -38,9 +40,6 @@ use openraft::error::{CheckIsLeaderError, RaftError};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-
-/// The pause before a round short of a quorum is run again.
-const RETRY_PAUSE: Duration = Duration::from_millis(10);
 
 /// The lease a successful read-index round gave this leader.
 #[derive(Clone, Copy, Debug)]
@@ -112,7 +111,7 @@ impl ReadLease {
                 Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(_)))
                     if Instant::now() < deadline =>
                 {
-                    tokio::time::sleep(RETRY_PAUSE).await;
+                    tokio::time::sleep(self.duration).await;
                     continue;
                 }
                 Err(error) => return Err(error),
