@@ -12,7 +12,9 @@ use crate::error::EngineError;
 use crate::key::{KeyDeriver, shard_of};
 use crate::pending::Pending;
 use crate::record::{Key, MAX_PAYLOAD, MAX_SHARDS};
-use crate::shard::{BatchPart, BatchTracker, Request, ShardHandle, ShardStats, Wake};
+use crate::shard::{
+    BatchPart, BatchTracker, Cached, Request, ShardHandle, ShardStats, ShardView, Wake,
+};
 use crate::superblock::Superblock;
 use crate::{checkpoint, recovery, shard};
 
@@ -164,6 +166,9 @@ pub struct EngineStats {
     /// Chunks written with `RWF_DSYNC` since the store was opened: durable writes
     /// that needed no round of `fdatasync`.
     pub dsync_chunks: u64,
+    /// Reads answered on the caller's thread, from the page cache, without a
+    /// trip to the shard (buffered reads only) since the store was opened.
+    pub cached_reads: u64,
 }
 
 struct Inner {
@@ -180,6 +185,9 @@ struct Inner {
     checkpointing: AtomicBool,
     keys: KeyDeriver,
     shards: Vec<ShardHandle>,
+    /// Each shard's index and read descriptors, for reads served from the page
+    /// cache on the caller's thread; `None` unless reads are buffered.
+    views: Option<Vec<Arc<ShardView>>>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     superblock: Mutex<Superblock>,
     next_batch: AtomicU64,
@@ -245,13 +253,25 @@ impl Engine {
             receivers.push(receiver);
         }
         let mut threads = Vec::with_capacity(config.shards);
-        for ((shard_id, receiver), state) in receivers.into_iter().enumerate().zip(recovered.shards)
+        let flags = if config.buffered_reads {
+            shard::read_flags(&config.dir)
+        } else {
+            None
+        };
+        let mut views = Vec::with_capacity(config.shards);
+        for ((shard_id, receiver), mut state) in
+            receivers.into_iter().enumerate().zip(recovered.shards)
         {
             let config = config.clone();
             let wake = Arc::clone(&handles[shard_id].wake);
+            let view = Arc::new(ShardView::new(
+                std::mem::take(&mut state.index),
+                flags.unwrap_or(0),
+            ));
+            views.push(Arc::clone(&view));
             let thread = std::thread::Builder::new()
                 .name(format!("btengine-{shard_id}"))
-                .spawn(move || shard::run(shard_id, config, state, receiver, wake))
+                .spawn(move || shard::run(shard_id, config, state, receiver, wake, view))
                 .map_err(EngineError::io(
                     "spawning a shard thread for",
                     &config_dir(shard_id),
@@ -269,6 +289,7 @@ impl Engine {
                 dir: config.dir,
                 keys,
                 shards: handles,
+                views: flags.is_some().then_some(views),
                 threads: Mutex::new(threads),
                 superblock: Mutex::new(superblock),
                 next_batch: AtomicU64::new(next_batch),
@@ -324,10 +345,25 @@ impl Engine {
             .map_err(|_| EngineError::Closed)
     }
 
+    /// True when reads whose records are in the page cache are answered on the
+    /// calling thread: reads are buffered ([`EngineConfig::buffered_reads`]) and
+    /// the file system reads without waiting for the disk (`RWF_NOWAIT`, or
+    /// tmpfs).
+    pub fn reads_from_page_cache(&self) -> bool {
+        self.inner.views.is_some()
+    }
+
     /// Reads sector `id`: `None` if it was never written or was deleted; an error
     /// if its record fails its checksum.
     pub fn read(&self, id: SectorId) -> Pending<Option<Vec<u8>>> {
         let (key, shard) = self.route(&id);
+        if let Some(views) = &self.inner.views {
+            match views[shard].read(&key) {
+                Some(Cached::Found(payload)) => return Pending::ready(Ok(Some(payload))),
+                Some(Cached::Absent) => return Pending::ready(Ok(None)),
+                None => {}
+            }
+        }
         let (reply, pending) = Pending::channel();
         match self.send(shard, Request::Read { key, id, reply }) {
             Ok(()) => pending,
@@ -526,6 +562,13 @@ impl Engine {
             total.sync_rounds += sync_rounds;
             total.dsync_chunks += dsync_chunks;
         }
+        total.cached_reads = self
+            .inner
+            .views
+            .iter()
+            .flatten()
+            .map(|view| view.served())
+            .sum();
         Ok(total)
     }
 

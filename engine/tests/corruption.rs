@@ -330,6 +330,42 @@ fn corrupt_newest_version_is_not_replaced_by_an_older_one_after_a_crash() {
     payload_case("twice-durable", true, TWICE, 2);
 }
 
+/// A byte flipped while the store is open, in a record whose page is cached and
+/// which reads were being answered from the page cache: the next read is
+/// `Corrupt`, not the cached bytes nor anything older, and the rest is intact.
+#[test]
+fn flipped_payload_byte_reads_corrupt_from_the_page_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = EngineConfig {
+        buffered_reads: true,
+        ..config(dir.path())
+    };
+    let engine = Engine::create(config, 3).unwrap();
+    assert!(engine.reads_from_page_cache());
+    let plan = plan_named("twice-durable");
+    execute(&engine, &plan);
+    let latest = latest(&plan);
+    // The first read of each segment goes through its shard, which publishes the
+    // segment's read descriptor; the second is answered on this thread.
+    for _ in 0..2 {
+        expect_intact(&engine, &latest, &ALONE);
+    }
+    let before = engine.stats().unwrap().cached_reads;
+    assert_eq!(engine.read(TWICE).wait().unwrap(), Some(content(&TWICE, 2)));
+    assert_eq!(
+        engine.stats().unwrap().cached_reads,
+        before + 1,
+        "the read was not answered from the page cache"
+    );
+
+    let (file, at) = find_unique(dir.path(), &marker(&TWICE, 2));
+    flip(&file, at + 3);
+    expect_corrupt(&engine, &TWICE, "flipped while open");
+    expect_corrupt(&engine, &TWICE, "flipped while open, read again");
+    expect_intact(&engine, &latest, &TWICE);
+    engine.shutdown().unwrap();
+}
+
 /// A chunk found on disk: where, its sequence, and its records' keys and batches.
 struct Chunk {
     file: PathBuf,

@@ -164,8 +164,24 @@ fn worker(engine: Engine, thread: usize, owned: Vec<SectorId>, all: Vec<SectorId
 
 #[test]
 fn concurrent_owners_match_the_model_across_reopen() {
+    concurrent_owners(false);
+}
+
+/// The same, with reads through the page cache: most are then answered on the
+/// reading thread (cached.rs) while the shards write, checkpoint, compact and
+/// reuse segment files under them.
+#[test]
+fn concurrent_owners_match_the_model_reading_from_the_page_cache() {
+    concurrent_owners(true);
+}
+
+fn concurrent_owners(buffered_reads: bool) {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::create(config(dir.path(), 4), GENERATION).unwrap();
+    let config = |dir: &Path| EngineConfig {
+        buffered_reads,
+        ..config(dir, 4)
+    };
+    let engine = Engine::create(config(dir.path()), GENERATION).unwrap();
     let all = key_space();
     let workers: Vec<_> = (0..THREADS)
         .map(|thread| {
@@ -186,6 +202,16 @@ fn concurrent_owners_match_the_model_across_reopen() {
     engine.flush().wait().unwrap();
     let stats = engine.stats().unwrap();
     eprintln!("model: {written} payload bytes written, {stats:?}");
+    assert_eq!(
+        engine.reads_from_page_cache(),
+        buffered_reads,
+        "buffered reads on a file system that can read without waiting"
+    );
+    assert_eq!(
+        stats.cached_reads > 0,
+        buffered_reads,
+        "reads answered from the page cache: {stats:?}"
+    );
     // Segments rolled and overwritten and deleted data was reclaimed: without
     // compaction the log would hold at least every byte written.
     assert!(
@@ -194,7 +220,7 @@ fn concurrent_owners_match_the_model_across_reopen() {
     );
     engine.shutdown().unwrap();
 
-    let engine = Engine::open(config(dir.path(), 4)).unwrap();
+    let engine = Engine::open(config(dir.path())).unwrap();
     verify(&engine, &model, "after reopen");
     engine.shutdown().unwrap();
 }

@@ -135,7 +135,8 @@ impl Shard {
     /// Segment `id` as a victim: the live records the index has in it.
     fn victim(&self, id: u32) -> Victim {
         let entries = self
-            .index
+            .view
+            .index()
             .iter()
             .filter(|(_, loc)| loc.segment == id)
             .map(|(key, loc)| (*key, loc))
@@ -171,7 +172,7 @@ impl Shard {
                 break;
             };
             let id = victim.id;
-            if self.index.get(&key) != Some(loc) || self.pending_keys.contains_key(&key) {
+            if self.view.index().get(&key) != Some(loc) || self.pending_keys.contains_key(&key) {
                 continue;
             }
             let Some(payload) = self.read_live(&loc) else {
@@ -219,7 +220,7 @@ impl Shard {
         let id = victim.id;
         let still_live = self.segments.get(&id).map_or(0, |s| s.live_bytes);
         let still_pointed_at =
-            still_live > 0 && self.index.iter().any(|(_, loc)| loc.segment == id);
+            still_live > 0 && self.view.index().iter().any(|(_, loc)| loc.segment == id);
         if still_pointed_at {
             // Keys that had writes in flight: look again on a later step.
             self.compaction.victim = Some(self.victim(id));
@@ -271,6 +272,7 @@ impl Shard {
     /// [`MAX_SPARES`];
     /// deletes the others.
     fn retire(&mut self, segment: crate::segment::Segment) {
+        self.view.remove_reader(segment.id);
         let path = crate::segment::segment_path(&self.dir, segment.id);
         let keep = segment.size >= self.config.segment_bytes / 2 && self.spares.len() < MAX_SPARES;
         let outcome = if keep {
@@ -291,7 +293,7 @@ impl Shard {
             .partition(|(_, sequence)| *sequence <= synced);
         self.compaction.awaiting_sync = waiting;
         for (id, _) in ready {
-            let pointed_at = self.index.iter().any(|(_, loc)| loc.segment == id);
+            let pointed_at = self.view.index().iter().any(|(_, loc)| loc.segment == id);
             if pointed_at {
                 continue;
             }

@@ -23,17 +23,19 @@ use blocktree_core::sector::SectorId;
 use crossbeam_channel::{Receiver, TryRecvError};
 use io_uring::{opcode, types};
 
+mod cached;
 mod compaction;
 mod dsync;
 mod layout;
 mod wake;
 
+pub(crate) use cached::{Cached, ShardView, read_flags};
 pub(crate) use wake::{ShardHandle, Wake};
 
 use crate::checkpoint::{self, ShardCheckpoint};
 use crate::engine::{Done, EngineConfig};
 use crate::error::EngineError;
-use crate::index::{Index, Loc, MAX_SEGMENT};
+use crate::index::{Loc, MAX_SEGMENT};
 use crate::record::{
     self, BLOCK, CHUNK_HEADER_LEN, ChunkBuilder, Key, RECORD_HEADER_LEN, RecordHeader, RecordKind,
     align_up, record_footprint,
@@ -227,7 +229,8 @@ struct Shard {
     config: EngineConfig,
     dir: PathBuf,
     ring: Ring,
-    index: Index,
+    /// The index, shared with readers on other threads (cached.rs).
+    view: Arc<ShardView>,
     segments: BTreeMap<u32, Segment>,
     active: Option<u32>,
     write_position: u64,
@@ -283,8 +286,18 @@ pub(crate) fn run(
     state: ShardState,
     requests: Receiver<Request>,
     wake: Arc<Wake>,
+    view: Arc<ShardView>,
 ) {
-    let mut shard = match Shard::new(id, config, state, wake) {
+    // Whichever way the shard ends, readers on other threads stop reading its
+    // segments and send their reads here, to be refused.
+    struct CloseView(Arc<ShardView>);
+    impl Drop for CloseView {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+    let _close = CloseView(Arc::clone(&view));
+    let mut shard = match Shard::new(id, config, state, wake, view) {
         Ok(shard) => shard,
         Err(error) => {
             tracing::error!(shard = id, %error, "sector engine shard failed to start");
@@ -348,6 +361,7 @@ impl Shard {
         config: EngineConfig,
         state: ShardState,
         wake: Arc<Wake>,
+        view: Arc<ShardView>,
     ) -> Result<Shard, EngineError> {
         let dir = segment::shard_dir(&config.dir, id);
         let mut buffers: Vec<AlignedBuf> = (0..CHUNK_BUFFERS)
@@ -356,11 +370,11 @@ impl Shard {
         buffers.extend((0..READ_BUFFERS).map(|_| AlignedBuf::new(READ_SLOT)));
         let ring = Ring::new(RING_ENTRIES, buffers)
             .map_err(EngineError::io("setting up io_uring for", &dir))?;
-        let live_payload = state.index.iter().map(|(_, loc)| loc.len as u64).sum();
+        let live_payload = view.index().iter().map(|(_, loc)| loc.len as u64).sum();
         Ok(Shard {
             dir,
             ring,
-            index: state.index,
+            view,
             segments: state.segments,
             active: None,
             write_position: 0,
@@ -536,7 +550,7 @@ impl Shard {
                 .iter()
                 .map(|(id, s)| (*id, s.live_bytes))
                 .collect(),
-            index: self.index.clone(),
+            index: self.view.index().clone(),
         };
         let path = checkpoint::shard_path(&self.dir, epoch);
         let writer = std::thread::Builder::new()
@@ -552,11 +566,11 @@ impl Shard {
 
     fn stats(&self) -> ShardStats {
         ShardStats {
-            live_sectors: self.index.len() as u64,
+            live_sectors: self.view.index().len() as u64,
             live_bytes: self.live_payload,
             disk_bytes: self.segments.values().map(|s| s.size).sum(),
             segments: self.segments.len() as u64,
-            index_bytes: self.index.heap_bytes() as u64,
+            index_bytes: self.view.index().heap_bytes() as u64,
             moved_bytes: self.compaction.moved_bytes,
             sync_rounds: self.sync_rounds,
             dsync_chunks: self.dsync.chunks,
@@ -595,7 +609,7 @@ impl Shard {
     }
 
     fn start_read(&mut self, key: Key, id: SectorId, reply: ReadReply) {
-        let Some(loc) = self.index.get(&key) else {
+        let Some(loc) = self.view.index().get(&key) else {
             let _ = reply.send(Ok(None));
             return;
         };
@@ -604,8 +618,14 @@ impl Shard {
             return;
         };
         let fd = if self.config.buffered_reads {
+            let first_use = segment.reader.is_none();
             match segment.reader(&self.dir) {
-                Ok(reader) => reader.as_raw_fd(),
+                Ok(reader) => {
+                    if first_use {
+                        self.view.add_reader(loc.segment, Arc::clone(&reader));
+                    }
+                    reader.as_raw_fd()
+                }
                 Err(error) => {
                     tracing::warn!("buffered read descriptor: {error}; reading directly");
                     segment.file.as_raw_fd()
@@ -1321,12 +1341,12 @@ impl Shard {
             .collect();
         for (key, kind, loc, relocates) in updates {
             if let Some(old) = relocates
-                && self.index.get(&key) != Some(old)
+                && self.view.index().get(&key) != Some(old)
             {
                 continue;
             }
             let newer_exists = relocates.is_none()
-                && self.index.get(&key).is_some_and(|current| {
+                && self.view.index().get(&key).is_some_and(|current| {
                     (current.segment, current.offset) > (loc.segment, loc.offset)
                 })
                 || self.recent_deletes.get(&key).is_some_and(|deleted| {
@@ -1341,13 +1361,13 @@ impl Shard {
                         segment.live_bytes += record_footprint(loc.len as usize) as u64;
                     }
                     self.live_payload += loc.len as u64;
-                    self.index.insert(key, loc)
+                    self.view.index_mut().insert(key, loc)
                 }
                 RecordKind::Delete => {
                     if multi_shard_pending {
                         self.recent_deletes.insert(key, loc);
                     }
-                    self.index.remove(&key)
+                    self.view.index_mut().remove(&key)
                 }
             };
             if let Some(previous) = previous {
