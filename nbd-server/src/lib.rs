@@ -62,6 +62,11 @@ pub use tracing::Level as LogLevel;
 ///   against 290 MiB with the threshold fixed (and the default 128 KiB trim
 ///   threshold), at the same speed. Blocks above 32 MiB are rare (snapshots
 ///   stream in 4 MiB chunks) and still mapped apart.
+/// - A background thread hands free memory back to the kernel once a second
+///   when the arenas hold more than 16 MiB of it. glibc trims only the
+///   top of a heap, so the buffers of a burst of writes freed in its middle
+///   stayed resident: after laying out a 1 GiB volume the server held 224 MiB
+///   resident with 144 MiB in use, and 154 MiB after one `malloc_trim`.
 #[cfg(feature = "server")]
 pub fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
@@ -76,8 +81,34 @@ pub fn tune_malloc() {
             libc::mallopt(libc::M_ARENA_MAX, arenas);
             libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD);
         }
+        let trimmer = std::thread::Builder::new()
+            .name("malloc-trim".into())
+            .spawn(|| {
+                loop {
+                    std::thread::sleep(TRIM_EVERY);
+                    // SAFETY: mallinfo2(3) and malloc_trim(3) take each arena's
+                    // lock while they walk it; they neither free nor move a block
+                    // in use, only return the pages of free chunks to the kernel.
+                    unsafe {
+                        if libc::mallinfo2().fordblks > TRIM_ABOVE {
+                            libc::malloc_trim(0);
+                        }
+                    }
+                }
+            });
+        if let Err(error) = trimmer {
+            tracing::warn!("no malloc-trim thread, free memory stays resident: {error}");
+        }
     }
 }
+
+/// Free memory the arenas may keep before the trim thread returns it.
+#[cfg(all(feature = "server", target_os = "linux", target_env = "gnu"))]
+const TRIM_ABOVE: usize = 16 << 20;
+
+/// How often the trim thread looks at the arenas.
+#[cfg(all(feature = "server", target_os = "linux", target_env = "gnu"))]
+const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Blocks at least this large are mapped apart (see [`tune_malloc`]).
 #[cfg(all(feature = "server", target_os = "linux", target_env = "gnu"))]
