@@ -166,7 +166,7 @@ pub struct EngineStats {
     /// Chunks written with `RWF_DSYNC` since the store was opened: durable writes
     /// that needed no round of `fdatasync`.
     pub dsync_chunks: u64,
-    /// Reads answered on the caller's thread, from the page cache, without a
+    /// Reads answered on the caller's thread, through the page cache, without a
     /// trip to the shard (buffered reads only) since the store was opened.
     pub cached_reads: u64,
 }
@@ -253,21 +253,13 @@ impl Engine {
             receivers.push(receiver);
         }
         let mut threads = Vec::with_capacity(config.shards);
-        let flags = if config.buffered_reads {
-            shard::read_flags(&config.dir)
-        } else {
-            None
-        };
         let mut views = Vec::with_capacity(config.shards);
         for ((shard_id, receiver), mut state) in
             receivers.into_iter().enumerate().zip(recovered.shards)
         {
             let config = config.clone();
             let wake = Arc::clone(&handles[shard_id].wake);
-            let view = Arc::new(ShardView::new(
-                std::mem::take(&mut state.index),
-                flags.unwrap_or(0),
-            ));
+            let view = Arc::new(ShardView::new(std::mem::take(&mut state.index)));
             views.push(Arc::clone(&view));
             let thread = std::thread::Builder::new()
                 .name(format!("btengine-{shard_id}"))
@@ -289,7 +281,7 @@ impl Engine {
                 dir: config.dir,
                 keys,
                 shards: handles,
-                views: flags.is_some().then_some(views),
+                views: config.buffered_reads.then_some(views),
                 threads: Mutex::new(threads),
                 superblock: Mutex::new(superblock),
                 next_batch: AtomicU64::new(next_batch),
@@ -345,10 +337,8 @@ impl Engine {
             .map_err(|_| EngineError::Closed)
     }
 
-    /// True when reads whose records are in the page cache are answered on the
-    /// calling thread: reads are buffered ([`EngineConfig::buffered_reads`]) and
-    /// the file system reads without waiting for the disk (`RWF_NOWAIT`, or
-    /// tmpfs).
+    /// True when reads go through the page cache on the calling thread: reads
+    /// are buffered ([`EngineConfig::buffered_reads`]).
     pub fn reads_from_page_cache(&self) -> bool {
         self.inner.views.is_some()
     }

@@ -205,7 +205,7 @@ fn concurrent_owners(buffered_reads: bool) {
     assert_eq!(
         engine.reads_from_page_cache(),
         buffered_reads,
-        "buffered reads on a file system that can read without waiting"
+        "buffered reads are answered on the reading thread"
     );
     assert_eq!(
         stats.cached_reads > 0,

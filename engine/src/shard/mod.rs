@@ -29,7 +29,7 @@ mod dsync;
 mod layout;
 mod wake;
 
-pub(crate) use cached::{Cached, ShardView, read_flags};
+pub(crate) use cached::{Cached, ShardView};
 pub(crate) use wake::{ShardHandle, Wake};
 
 use crate::checkpoint::{self, ShardCheckpoint};
