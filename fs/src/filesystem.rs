@@ -31,7 +31,7 @@ use blocktree_raftlog::{SectorBatch, SectorService};
 use crossbeam_channel::Receiver;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// The xattr of a directory that sets whether files created in it are encrypted
@@ -155,6 +155,22 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Locks `node` once no commit of it is in flight: what commits it, or changes
+/// what a commit installs (its metadata body), starts from here.
+fn lock_settled(node: &NodeRef) -> MutexGuard<'_, NodeState> {
+    settle(lock(node))
+}
+
+/// Waits, releasing the lock meanwhile, until no commit of `node` is in flight.
+fn settle(node: MutexGuard<'_, NodeState>) -> MutexGuard<'_, NodeState> {
+    if !node.commit_in_flight() {
+        return node;
+    }
+    let done = node.commit_done();
+    done.wait_while(node, |node| node.commit_in_flight())
+        .unwrap_or_else(PoisonError::into_inner)
+}
+
 fn xattr_key(name: &[u8]) -> serde_bytes::ByteBuf {
     serde_bytes::ByteBuf::from(name.to_vec())
 }
@@ -237,6 +253,7 @@ impl FileSystem {
         let write = node
             .prepare_commit(&self.ctx)?
             .ok_or_else(|| FsError::Io("nothing to write for the root".into()))?;
+        node.begin_commit();
         let meta = write.meta.clone();
         self.submit(SectorBatch {
             files: vec![write],
@@ -461,7 +478,8 @@ impl FileSystem {
             .clone()
     }
 
-    /// Commits one file's buffered writes as a batch of its own. A directory's
+    /// Commits one file's buffered writes as a batch of its own, holding the
+    /// node's lock throughout; lock it with [`lock_settled`]. A directory's
     /// changes are namespace changes: they are staged, to be committed with the
     /// files their entries name.
     fn commit(&self, node: &mut NodeState) -> FsResult<()> {
@@ -472,6 +490,7 @@ impl FileSystem {
         let Some(write) = node.prepare_commit(&self.ctx)? else {
             return Ok(());
         };
+        node.begin_commit();
         let meta = write.meta.clone();
         match self.submit(SectorBatch {
             files: vec![write],
@@ -554,14 +573,19 @@ impl FileSystem {
         if nodes.is_empty() && tombstones.is_empty() {
             return Ok(());
         }
-        // In inode order, like every multi-node lock here.
+        // In inode order, like every multi-node lock here. Waiting for one
+        // node's commit in flight while holding others is safe: that commit
+        // needs only its own node's lock to finish.
         let mut guards: Vec<MutexGuard<'_, NodeState>> =
-            nodes.values().map(|node| lock(node)).collect();
+            nodes.values().map(|node| lock_settled(node)).collect();
         let mut writes = Vec::new();
         let mut failure = None;
         for (index, guard) in guards.iter_mut().enumerate() {
             match guard.prepare_commit(&self.ctx) {
-                Ok(Some(write)) => writes.push((index, write)),
+                Ok(Some(write)) => {
+                    guard.begin_commit();
+                    writes.push((index, write));
+                }
                 Ok(None) => {}
                 Err(error) => {
                     failure = Some(error);
@@ -683,7 +707,7 @@ impl FileSystem {
     pub fn setattr(&self, caller: &Caller, ino: u64, set: &SetAttr) -> FsResult<Attr> {
         self.check_writable()?;
         let node_ref = self.node(ino)?;
-        let mut node = lock(&node_ref);
+        let mut node = lock_settled(&node_ref);
         if let Some(mode) = set.mode {
             authorizer::check_owner(caller, &node.secrets, "change the mode")?;
             let mut mode = mode & 0o7777;
@@ -1735,8 +1759,38 @@ impl FileSystem {
         if self.ancestors_created(node_ref) {
             self.commit_pending()?;
         }
+        let mut node = lock_settled(node_ref);
+        if node.is_dir() {
+            return self.commit(&mut node);
+        }
+        let Some(write) = node.prepare_commit(&self.ctx)? else {
+            return Ok(());
+        };
+        // The store takes the batch without the node's lock: writes to the
+        // file buffer meanwhile (the next commit waits for this one), so the
+        // file's writers do not stall for the length of a Raft write.
+        node.begin_commit();
+        let meta = write.meta.clone();
+        drop(node);
+        let batch = SectorBatch {
+            files: vec![write],
+            removes: Vec::new(),
+        };
+        // Whatever happens in the store, the node must leave the in-flight
+        // state, or every later commit of the file would wait forever.
+        let stored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.submit(batch)))
+            .unwrap_or_else(|_| Err(FsError::Io("the store panicked taking a batch".into())));
         let mut node = lock(node_ref);
-        self.commit(&mut node)
+        match stored {
+            Ok(()) => {
+                node.finish_commit(&self.ctx, meta);
+                Ok(())
+            }
+            Err(error) => {
+                node.abort_commit();
+                Err(error)
+            }
+        }
     }
 
     /// Writes `data` at `offset` (at the end for `O_APPEND`); returns the count.
@@ -1793,7 +1847,9 @@ impl FileSystem {
     /// Closes a handle: commits, and deletes the file if it was its last link.
     pub fn release(&self, fh: u64) -> FsResult<()> {
         let handle = lock(&self.handles).remove(&fh).ok_or(FsError::BadHandle)?;
-        let mut node = lock(&handle.node);
+        // Settled first: a file deleted here must not have a commit of its
+        // data still on its way to the store behind the tombstone.
+        let mut node = lock_settled(&handle.node);
         node.handles = node.handles.saturating_sub(1);
         if node.secrets.nlink == 0 && node.handles == 0 {
             let ino = node.ino;
@@ -1992,7 +2048,7 @@ impl FileSystem {
             return Err(FsError::Invalid("xattr value larger than 64 KiB".into()));
         }
         let node_ref = self.node(ino)?;
-        let mut node = lock(&node_ref);
+        let mut node = lock_settled(&node_ref);
         Self::check_xattr_name(caller, &node, name, true)?;
         if name == ENCRYPT_XATTR && value != b"on" && value != b"off" {
             return Err(FsError::Invalid(format!(
@@ -2051,7 +2107,7 @@ impl FileSystem {
     pub fn removexattr(&self, caller: &Caller, ino: u64, name: &[u8]) -> FsResult<()> {
         self.check_writable()?;
         let node_ref = self.node(ino)?;
-        let mut node = lock(&node_ref);
+        let mut node = lock_settled(&node_ref);
         Self::check_xattr_name(caller, &node, name, true)?;
         let previous = node
             .secrets
@@ -2095,7 +2151,7 @@ impl FileSystem {
         let mut first_error = self.commit_pending().err();
         let nodes: Vec<NodeRef> = lock(&self.nodes).values().cloned().collect();
         for node in nodes {
-            let mut node = lock(&node);
+            let mut node = lock_settled(&node);
             if node.is_dirty()
                 && node.secrets.nlink > 0
                 && let Err(error) = self.commit(&mut node)
@@ -2127,7 +2183,7 @@ impl FileSystem {
     ) -> FsResult<()> {
         self.check_writable()?;
         let node_ref = self.node(ino)?;
-        let mut node = lock(&node_ref);
+        let mut node = lock_settled(&node_ref);
         authorizer::check_owner(caller, &node.secrets, "grant readcaps")?;
         let keys = node.keys.as_ref().ok_or(FsError::Invalid(
             "the file is not encrypted: anyone may read it".into(),

@@ -19,7 +19,7 @@ use blocktree_core::writecap::RevocationList;
 use blocktree_raftlog::pieces::parallel_map_chunks;
 use blocktree_raftlog::{FileWrite, ReadAccess, SectorService};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar};
 use std::time::{Duration, Instant};
 
 /// Sectors a file keeps in its cache.
@@ -115,6 +115,20 @@ pub(crate) struct NodeState {
     /// Bumped by every change of the contents, so a read that fetched sectors
     /// without the lock does not cache what a concurrent write replaced.
     version: u64,
+    /// The batch being committed without the node's lock (see
+    /// [`NodeState::begin_commit`]): new writes buffer meanwhile.
+    inflight: Option<InFlight>,
+    /// Signalled when a commit in flight finishes (or is aborted).
+    commit_done: Arc<Condvar>,
+}
+
+/// What a commit in flight takes from the buffers: the sectors it writes and
+/// the holes and cut it records. Reads see them until the store has them; a
+/// refused commit puts them back under any newer writes.
+struct InFlight {
+    sectors: BTreeMap<u64, Vec<u8>>,
+    holes: BTreeSet<u64>,
+    cut_from: Option<u64>,
 }
 
 fn ids(ctx: &Ctx, ino: u64) -> FileIds {
@@ -184,6 +198,8 @@ impl NodeState {
             handles: 0,
             stored: false,
             version: 0,
+            inflight: None,
+            commit_done: Arc::new(Condvar::new()),
         }
     }
 
@@ -259,6 +275,8 @@ impl NodeState {
             handles: 0,
             stored: true,
             version: 0,
+            inflight: None,
+            commit_done: Arc::new(Condvar::new()),
         };
         if is_dir {
             let count = node.body.sector_count;
@@ -345,9 +363,11 @@ impl NodeState {
         u64::from(self.body.sector_size)
     }
 
-    /// True if writes or attribute changes wait to be committed.
+    /// True if writes or attribute changes wait to be committed, or a commit is
+    /// in flight.
     pub fn is_dirty(&self) -> bool {
-        self.meta_dirty
+        self.inflight.is_some()
+            || self.meta_dirty
             || !self.dirty.is_empty()
             || !self.holes.is_empty()
             || self.dir.as_ref().is_some_and(Directory::is_dirty)
@@ -408,6 +428,24 @@ impl NodeState {
         Duration::from_secs(u64::from(self.secrets.cache_seconds))
     }
 
+    /// True if a write since the last commit began punched sector `index` or
+    /// truncated the file below it.
+    fn is_cut_or_punched(&self, index: u64) -> bool {
+        self.holes.contains(&index) || self.cut_from.is_some_and(|cut| index >= cut)
+    }
+
+    /// The plaintext the commit in flight writes to sector `index`, if it does.
+    fn inflight_sector(&self, index: u64) -> Option<&Vec<u8>> {
+        self.inflight.as_ref()?.sectors.get(&index)
+    }
+
+    /// True if the commit in flight makes sector `index` a hole.
+    fn inflight_hole(&self, index: u64) -> bool {
+        self.inflight.as_ref().is_some_and(|inflight| {
+            inflight.holes.contains(&index) || inflight.cut_from.is_some_and(|cut| index >= cut)
+        })
+    }
+
     /// The plaintext of sectors `indices` (each `sector_size` bytes; zeros for holes
     /// and sectors past the end), verified against the signed Merkle root, with
     /// the node locked throughout.
@@ -429,10 +467,11 @@ impl NodeState {
         for &index in indices {
             if let Some(plaintext) = self.dirty.get(&index) {
                 have.push(Some(plaintext.clone()));
-            } else if self.holes.contains(&index)
-                || index >= count
-                || self.cut_from.is_some_and(|cut| index >= cut)
-            {
+            } else if self.is_cut_or_punched(index) {
+                have.push(Some(vec![0u8; size]));
+            } else if let Some(plaintext) = self.inflight_sector(index) {
+                have.push(Some(plaintext.clone()));
+            } else if self.inflight_hole(index) || index >= count {
                 have.push(Some(vec![0u8; size]));
             } else {
                 match self.cache.get(&index) {
@@ -656,10 +695,11 @@ impl NodeState {
             .map(|index| {
                 if self.dirty.contains_key(&index) {
                     false
-                } else if self.holes.contains(&index)
-                    || index >= stored
-                    || self.cut_from.is_some_and(|cut| index >= cut)
-                {
+                } else if self.is_cut_or_punched(index) {
+                    true
+                } else if self.inflight_sector(index).is_some() {
+                    false
+                } else if self.inflight_hole(index) || index >= stored {
                     true
                 } else {
                     tree.leaf(index) == Some(hole)
@@ -700,10 +740,18 @@ impl NodeState {
     }
 
     /// Seals the buffered sectors, updates the tree once and signs new metadata:
-    /// the file's part of a batch. `None` if nothing changed. The node is unchanged
-    /// until [`NodeState::finish_commit`]; on a refused batch call
-    /// [`NodeState::abort_commit`].
+    /// the file's part of a batch. `None` if nothing changed. Then call
+    /// [`NodeState::begin_commit`], and once the store answered
+    /// [`NodeState::finish_commit`] or, on a refused batch,
+    /// [`NodeState::abort_commit`]. Only one commit of a file is in flight at a
+    /// time: wait for [`NodeState::commit_in_flight`] to clear first.
     pub fn prepare_commit(&mut self, ctx: &Ctx) -> FsResult<Option<FileWrite>> {
+        if self.inflight.is_some() {
+            return Err(FsError::Io(format!(
+                "inode {}: a commit was prepared while another is in flight",
+                self.ino
+            )));
+        }
         if let Some(dir) = self.dir.as_mut()
             && dir.is_dirty()
         {
@@ -807,32 +855,83 @@ impl NodeState {
         Ok(Some(FileWrite { meta, data, holes }))
     }
 
-    /// Installs the committed metadata; committed sectors move to the cache. The
-    /// store accepted the metadata, so its signature counts as verified when the
-    /// node is loaded again.
+    /// Hands the buffers [`NodeState::prepare_commit`] sealed to the commit in
+    /// flight, so writes from now on buffer afresh while the store takes the
+    /// batch (the node's lock need not be held meanwhile). Reads see the
+    /// batch's sectors until it lands.
+    pub fn begin_commit(&mut self) {
+        self.inflight = Some(InFlight {
+            sectors: std::mem::take(&mut self.dirty),
+            holes: std::mem::take(&mut self.holes),
+            cut_from: self.cut_from.take(),
+        });
+        self.dirty_bytes = 0;
+        self.meta_dirty = false;
+    }
+
+    /// True while a commit of this file is between [`NodeState::begin_commit`]
+    /// and its finish or abort.
+    pub fn commit_in_flight(&self) -> bool {
+        self.inflight.is_some()
+    }
+
+    /// What to wait on for [`NodeState::commit_in_flight`] to clear, with this
+    /// node's lock.
+    pub fn commit_done(&self) -> Arc<Condvar> {
+        Arc::clone(&self.commit_done)
+    }
+
+    /// Installs the committed metadata; the committed sectors no later write
+    /// replaced move to the cache. The store accepted the metadata, so its
+    /// signature counts as verified when the node is loaded again.
     pub fn finish_commit(&mut self, ctx: &Ctx, meta: FileMeta) {
         meta.remember_accepted(&ctx.verified_signatures);
         self.body = meta.into_body();
         self.stored = true;
+        let Some(done) = self.inflight.take() else {
+            return;
+        };
+        self.commit_done.notify_all();
         let now = Instant::now();
-        let dirty = std::mem::take(&mut self.dirty);
-        if dirty.len() + self.cache.len() > CACHED_SECTORS {
+        let committed: Vec<(u64, Vec<u8>)> = done
+            .sectors
+            .into_iter()
+            .filter(|(index, _)| !self.dirty.contains_key(index) && !self.is_cut_or_punched(*index))
+            .collect();
+        if committed.len() + self.cache.len() > CACHED_SECTORS {
             self.cache.clear();
         }
-        if dirty.len() <= CACHED_SECTORS {
-            for (index, plaintext) in dirty {
+        if committed.len() <= CACHED_SECTORS {
+            for (index, plaintext) in committed {
                 self.cache.insert(index, (now, plaintext));
             }
         }
-        self.dirty_bytes = 0;
-        self.holes.clear();
-        self.cut_from = None;
-        self.meta_dirty = false;
     }
 
-    /// After a refused or failed batch: the buffered writes stay (nothing is lost;
-    /// a later commit retries them) and the tree is reloaded from the store.
+    /// After a refused or failed batch: nothing is lost. The batch's sectors,
+    /// holes and cut go back into the buffers under whatever was written since
+    /// (a later commit retries them), and the tree is reloaded from the store.
     pub fn abort_commit(&mut self) {
+        if let Some(undone) = self.inflight.take() {
+            self.commit_done.notify_all();
+            for (index, plaintext) in undone.sectors {
+                if self.dirty.contains_key(&index) || self.is_cut_or_punched(index) {
+                    continue;
+                }
+                self.dirty_bytes += plaintext.len();
+                self.dirty.insert(index, plaintext);
+            }
+            for index in undone.holes {
+                if !self.dirty.contains_key(&index) && !self.is_cut_or_punched(index) {
+                    self.holes.insert(index);
+                }
+            }
+            self.cut_from = match (self.cut_from, undone.cut_from) {
+                (Some(now), Some(then)) => Some(now.min(then)),
+                (now, then) => now.or(then),
+            };
+            self.meta_dirty = true;
+        }
         self.tree = None;
         self.version += 1;
     }

@@ -1,0 +1,323 @@
+//! A file's commit is in flight (the store holds the batch, the node's lock is
+//! free) while other writes, punches, growth, truncation and reads of the same
+//! file go on. Reads must see the batch and everything written since; when the
+//! store then takes or refuses the batch, nothing is lost: after an fsync and a
+//! remount the file reads byte for byte as the model says.
+//!
+//! The store is the real local one behind a gate that holds one chosen write
+//! until the test lets it through or refuses it (fault injection, not a mock).
+
+// A failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use blocktree_core::metadata::FileMeta;
+use blocktree_core::path::BtPath;
+use blocktree_core::sector::SectorId;
+use blocktree_fs::local::{Membership, ServiceOptions, open_service};
+use blocktree_fs::{FileSystem, FsConfig};
+use blocktree_raftlog::{ReadAccess, SectorBatch, SectorService, ServiceError};
+use common::*;
+use crossbeam_channel::Receiver;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+/// Passes every call to the real store, except the first data write of the
+/// armed inode: that one waits for the test's verdict (true: store it).
+struct Gate {
+    inner: Arc<dyn SectorService>,
+    armed: AtomicU64,
+    arrived: Mutex<mpsc::Sender<()>>,
+    verdict: Mutex<mpsc::Receiver<bool>>,
+}
+
+impl SectorService for Gate {
+    fn generation(&self) -> u64 {
+        self.inner.generation()
+    }
+    fn directory(&self) -> &BtPath {
+        self.inner.directory()
+    }
+    fn allocate_inode(&self) -> Result<u64, ServiceError> {
+        self.inner.allocate_inode()
+    }
+    fn read_meta(&self, inode: u64) -> Result<Option<FileMeta>, ServiceError> {
+        self.inner.read_meta(inode)
+    }
+    fn read_merkle_piece(&self, inode: u64, piece: u64) -> Result<Vec<u8>, ServiceError> {
+        self.inner.read_merkle_piece(inode, piece)
+    }
+    fn read_data(
+        &self,
+        inode: u64,
+        indices: &[u64],
+        access: Option<&ReadAccess>,
+    ) -> Result<Vec<Option<Vec<u8>>>, ServiceError> {
+        self.inner.read_data(inode, indices, access)
+    }
+    fn write(&self, batch: SectorBatch) -> Result<(), ServiceError> {
+        let armed = self.armed.load(Ordering::SeqCst);
+        let held = batch
+            .files
+            .iter()
+            .any(|file| file.meta.body().ids.inode == armed && !file.data.is_empty());
+        if held && self.armed.swap(0, Ordering::SeqCst) == armed {
+            self.arrived.lock().unwrap().send(()).unwrap();
+            if !self.verdict.lock().unwrap().recv().unwrap() {
+                return Err(ServiceError::Inconsistent {
+                    inode: armed,
+                    reason: "refused by the test's gate".into(),
+                });
+            }
+        }
+        self.inner.write(batch)
+    }
+    fn flush(&self) -> Result<(), ServiceError> {
+        self.inner.flush()
+    }
+    fn subscribe(&self, inode: u64) -> Receiver<SectorId> {
+        self.inner.subscribe(inode)
+    }
+    fn space(&self) -> Result<(u64, u64), ServiceError> {
+        self.inner.space()
+    }
+}
+
+/// What the test does to the file while the commit is in flight. None of it
+/// commits, so none of it waits for the held batch.
+#[derive(Clone, Debug)]
+enum Op {
+    Write { offset: u64, len: usize, seed: u8 },
+    Punch { offset: u64, len: u64 },
+    ZeroGrow { offset: u64, len: u64 },
+    TruncateToZero,
+    Read { offset: u64, len: u32 },
+}
+
+const MAX: u64 = 600_000;
+const DIRTY_LIMIT: usize = 256 * 1024;
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..MAX, 1..8_000usize, any::<u8>()).prop_map(|(offset, len, seed)| Op::Write { offset, len, seed }),
+        2 => (0..MAX, 1..60_000u64).prop_map(|(offset, len)| Op::Punch { offset, len }),
+        1 => (0..MAX, 1..60_000u64).prop_map(|(offset, len)| Op::ZeroGrow { offset, len }),
+        1 => Just(Op::TruncateToZero),
+        5 => (0..MAX, 1..80_000u32).prop_map(|(offset, len)| Op::Read { offset, len }),
+    ]
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| seed.wrapping_add((i % 251) as u8))
+        .collect()
+}
+
+fn model_write(model: &mut Vec<u8>, offset: u64, data: &[u8]) {
+    let end = offset as usize + data.len();
+    if model.len() < end {
+        model.resize(end, 0);
+    }
+    model[offset as usize..end].copy_from_slice(data);
+}
+
+fn check_read(fs: &FileSystem, fh: u64, model: &[u8], offset: u64, len: u32, when: &str) {
+    let got = fs.read(fh, offset, len).unwrap();
+    let start = (offset as usize).min(model.len());
+    let end = (offset as usize + len as usize).min(model.len());
+    assert_eq!(
+        got.len(),
+        end - start,
+        "{when}: read length at {offset}+{len}"
+    );
+    assert!(
+        got == model[start..end],
+        "{when}: read content at {offset}+{len}"
+    );
+}
+
+/// Every run the file system reports a hole reads as zeros in the model.
+fn check_holes(fs: &FileSystem, ino: u64, model: &[u8], when: &str) {
+    let mut at = 0u64;
+    for (len, hole) in fs.allocation(ino, 0, model.len() as u64).unwrap() {
+        let end = (at + len).min(model.len() as u64);
+        if hole {
+            assert!(
+                model[at as usize..end as usize].iter().all(|&b| b == 0),
+                "{when}: {at}..{end} is reported a hole but holds data"
+            );
+        }
+        at += len;
+    }
+}
+
+fn run(domain: &Domain, sector_size: u32, encrypted: bool, ops: &[Op], store_it: bool) {
+    let config = FsConfig {
+        sector_size,
+        encrypt_root: encrypted,
+        dirty_limit: DIRTY_LIMIT,
+        ..FsConfig::default()
+    };
+    let (arrived_tx, arrived) = mpsc::channel();
+    let (verdict, verdict_rx) = mpsc::channel();
+    let inner: Arc<dyn SectorService> = open_service(
+        &domain.data(),
+        domain.creds.clone(),
+        &Membership::Alone,
+        &ServiceOptions::default(),
+    )
+    .unwrap();
+    let gate = Arc::new(Gate {
+        inner,
+        armed: AtomicU64::new(0),
+        arrived: Mutex::new(arrived_tx),
+        verdict: Mutex::new(verdict_rx),
+    });
+    let fs = FileSystem::new(gate.clone(), domain.creds.clone(), config.clone()).unwrap();
+    let name = format!(
+        "inflight-{sector_size}-{encrypted}-{}",
+        NEXT.fetch_add(1, Ordering::SeqCst)
+    );
+    let (attr, fh) = fs
+        .create(
+            &root(),
+            FileSystem::ROOT,
+            name.as_bytes(),
+            0o644,
+            0,
+            libc::O_RDWR,
+        )
+        .unwrap();
+    let ino = attr.ino;
+    let mut model = Vec::new();
+    // Stored contents first, so the held commit is not the file's first.
+    let base = pattern(300_000, 7);
+    fs.write(fh, 0, &base).unwrap();
+    fs.fsync(fh, false).unwrap();
+    model_write(&mut model, 0, &base);
+
+    let big = pattern(DIRTY_LIMIT + 5_000, 101);
+    let big_at = 150_000;
+    model_write(&mut model, big_at, &big);
+    gate.armed.store(ino, Ordering::SeqCst);
+    let mut extra_handles = Vec::new();
+    std::thread::scope(|scope| {
+        // This write fills the buffers past the limit and commits them: the
+        // gate holds that commit.
+        let committer = scope.spawn(|| fs.write(fh, big_at, &big));
+        arrived.recv().unwrap();
+        check_read(
+            &fs,
+            fh,
+            &model,
+            0,
+            u32::MAX,
+            "as the commit reached the store",
+        );
+        check_holes(&fs, ino, &model, "as the commit reached the store");
+        for op in ops {
+            match *op {
+                Op::Write { offset, len, seed } => {
+                    let data = pattern(len, seed);
+                    fs.write(fh, offset, &data).unwrap();
+                    model_write(&mut model, offset, &data);
+                }
+                Op::Punch { offset, len } => {
+                    let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+                    fs.fallocate(&root(), ino, offset, len, mode).unwrap();
+                    let start = (offset as usize).min(model.len());
+                    let end = (offset as usize + len as usize).min(model.len());
+                    model[start..end].fill(0);
+                }
+                Op::ZeroGrow { offset, len } => {
+                    fs.fallocate(&root(), ino, offset, len, libc::FALLOC_FL_ZERO_RANGE)
+                        .unwrap();
+                    let end = (offset + len) as usize;
+                    if model.len() < end {
+                        model.resize(end, 0);
+                    }
+                    model[offset as usize..end].fill(0);
+                }
+                Op::TruncateToZero => {
+                    extra_handles
+                        .push(fs.open(&root(), ino, libc::O_RDWR | libc::O_TRUNC).unwrap());
+                    model.clear();
+                }
+                Op::Read { offset, len } => {
+                    check_read(
+                        &fs,
+                        fh,
+                        &model,
+                        offset,
+                        len,
+                        "while the commit is in flight",
+                    );
+                }
+            }
+            assert_eq!(fs.getattr(&root(), ino).unwrap().size, model.len() as u64);
+        }
+        check_holes(&fs, ino, &model, "while the commit is in flight");
+        verdict.send(store_it).unwrap();
+        let committed = committer.join().unwrap();
+        assert_eq!(
+            committed.is_ok(),
+            store_it,
+            "the held commit: {committed:?}"
+        );
+    });
+    check_read(&fs, fh, &model, 0, u32::MAX, "after the commit");
+    check_holes(&fs, ino, &model, "after the commit");
+    for handle in extra_handles {
+        fs.release(handle).unwrap();
+    }
+    fs.fsync(fh, false).unwrap();
+    check_read(&fs, fh, &model, 0, u32::MAX, "after fsync");
+    fs.release(fh).unwrap();
+    fs.sync_all().unwrap();
+    drop(fs);
+    drop(gate);
+
+    let fs = domain.mount(config);
+    assert_eq!(fs.resolve(&root(), &format!("/{name}")).unwrap(), ino);
+    let fh = fs.open(&root(), ino, libc::O_RDONLY).unwrap();
+    check_read(&fs, fh, &model, 0, u32::MAX, "after remounting");
+    fs.release(fh).unwrap();
+}
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+fn cases(store_it: bool) {
+    let domain = Domain::new();
+    let mut runner = TestRunner::new(Config {
+        cases: 12,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    runner
+        .run(
+            &(
+                prop_oneof![Just(4096u32), Just(16384u32)],
+                any::<bool>(),
+                prop::collection::vec(op(), 0..12),
+            ),
+            |(sector_size, encrypted, ops)| {
+                run(&domain, sector_size, encrypted, &ops, store_it);
+                Ok(())
+            },
+        )
+        .unwrap();
+}
+
+#[test]
+fn changes_made_while_a_commit_is_in_flight_read_back_after_it_lands() {
+    cases(true);
+}
+
+#[test]
+fn changes_made_while_a_commit_is_in_flight_survive_its_refusal() {
+    cases(false);
+}
