@@ -43,6 +43,12 @@ pub struct EngineConfig {
     /// segment) instead of O_DIRECT: the kernel then caches hot sectors outside
     /// the process. Off by default, so the engine's benchmarks measure the device.
     pub buffered_reads: bool,
+    /// Registered 128 KiB read buffers per shard (1–1024): how many reads the
+    /// shard has in flight before it allocates buffers for more. They are
+    /// pinned in memory for the store's life, so a store whose reads mostly
+    /// go elsewhere (buffered reads answered on callers' threads, a log read
+    /// from its cache) needs few.
+    pub read_buffers: usize,
 }
 
 /// The environment variable that overrides the default segment size, in MiB
@@ -90,6 +96,7 @@ impl EngineConfig {
             direct_io: true,
             checkpoint_bytes: 256 << 20,
             buffered_reads: false,
+            read_buffers: 64,
         }
     }
 
@@ -102,6 +109,8 @@ impl EngineConfig {
             Some("segment_bytes must hold at least two chunks".into())
         } else if self.segment_bytes > (16u64 << 30) {
             Some("segment_bytes must be at most 16 GiB".into())
+        } else if !(1..=1024).contains(&self.read_buffers) {
+            Some("read_buffers must be 1..=1024".into())
         } else {
             None
         };

@@ -47,12 +47,21 @@ pub enum Membership {
 /// The engine's configuration for a local store: reads go through the page
 /// cache, which then serves as the second-level cache of sealed sectors (outside
 /// the daemon's memory), as the lower file system's cache does for gocryptfs.
+/// They are answered on the readers' threads, so a shard reads little itself
+/// ([`READ_BUFFERS`]).
 fn engine_config(dir: PathBuf) -> EngineConfig {
     EngineConfig {
         buffered_reads: true,
+        read_buffers: READ_BUFFERS,
         ..EngineConfig::new(dir)
     }
 }
+
+/// Registered read buffers per shard of a local store's engines: a shard reads
+/// a segment's first record (which publishes its buffered descriptor), records
+/// that fail their check on a caller's thread, and, for the Raft log, entries
+/// no longer in its cache. 16 × 128 KiB instead of 64 pins 6 MiB less per shard.
+const READ_BUFFERS: usize = 16;
 
 /// True if `data` holds a sector store (of any member).
 pub fn exists(data: &Path) -> bool {

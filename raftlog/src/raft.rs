@@ -430,6 +430,9 @@ impl RaftService {
             // One shard: the log's writes reach the disk in submission order.
             log_config.shards = 1;
             log_config.buffered_reads = false;
+            // Entries are read from the log's cache; the disk only after a
+            // restart or for a lagging follower, one entry after another.
+            log_config.read_buffers = log_config.read_buffers.min(16);
             Engine::open_or_create(log_config, info.generation)?
         };
         let store = Arc::new(SectorStore::new(engine.clone(), info.clone()));

@@ -49,8 +49,8 @@ const RING_ENTRIES: u32 = 256;
 /// Registered chunk buffers per shard: how many group-commit chunks can be in
 /// flight at once.
 const CHUNK_BUFFERS: usize = 8;
-/// Registered read buffers per shard, and their size.
-const READ_BUFFERS: usize = 64;
+/// The size of a registered read buffer ([`EngineConfig::read_buffers`] of
+/// them per shard).
 const READ_SLOT: usize = 128 << 10;
 /// The user data of the wake-up eventfd read; never an op slot.
 const WAKE_TOKEN: u64 = u64::MAX;
@@ -367,7 +367,7 @@ impl Shard {
         let mut buffers: Vec<AlignedBuf> = (0..CHUNK_BUFFERS)
             .map(|_| AlignedBuf::new(config.chunk_bytes))
             .collect();
-        buffers.extend((0..READ_BUFFERS).map(|_| AlignedBuf::new(READ_SLOT)));
+        buffers.extend((0..config.read_buffers).map(|_| AlignedBuf::new(READ_SLOT)));
         let ring = Ring::new(RING_ENTRIES, buffers)
             .map_err(EngineError::io("setting up io_uring for", &dir))?;
         let live_payload = view.index().iter().map(|(_, loc)| loc.len as u64).sum();
@@ -383,7 +383,7 @@ impl Shard {
             synced_through: state.next_sequence.saturating_sub(1),
             writes_in_flight: BTreeSet::new(),
             free_chunks: (0..CHUNK_BUFFERS as u16).rev().collect(),
-            free_reads: (CHUNK_BUFFERS as u16..(CHUNK_BUFFERS + READ_BUFFERS) as u16)
+            free_reads: (CHUNK_BUFFERS as u16..(CHUNK_BUFFERS + config.read_buffers) as u16)
                 .rev()
                 .collect(),
             building: None,
