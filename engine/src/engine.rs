@@ -356,13 +356,45 @@ impl Engine {
     /// if its record fails its checksum.
     pub fn read(&self, id: SectorId) -> Pending<Option<Vec<u8>>> {
         let (key, shard) = self.route(&id);
+        if let Some(views) = &self.inner.views
+            && let Some(answer) = views[shard].read(&key)
+        {
+            return answered(answer);
+        }
+        self.read_in_shard(id, key, shard)
+    }
+
+    /// Reads sectors `ids`, one answer each, as [`read`](Self::read) would.
+    /// With buffered reads, records that lie together in a segment (a batch's,
+    /// written in order) are read with one system call.
+    pub fn read_many(&self, ids: &[SectorId]) -> Vec<Pending<Option<Vec<u8>>>> {
+        let routed: Vec<(Key, usize)> = ids.iter().map(|id| self.route(id)).collect();
+        let mut answers: Vec<Option<Cached>> = ids.iter().map(|_| None).collect();
         if let Some(views) = &self.inner.views {
-            match views[shard].read(&key) {
-                Some(Cached::Found(payload)) => return Pending::ready(Ok(Some(payload))),
-                Some(Cached::Absent) => return Pending::ready(Ok(None)),
-                None => {}
+            for (shard, view) in views.iter().enumerate() {
+                let slots: Vec<usize> = (0..ids.len())
+                    .filter(|&slot| routed[slot].1 == shard)
+                    .collect();
+                if slots.is_empty() {
+                    continue;
+                }
+                let keys: Vec<Key> = slots.iter().map(|&slot| routed[slot].0).collect();
+                for (slot, answer) in slots.into_iter().zip(view.read_many(&keys)) {
+                    answers[slot] = answer;
+                }
             }
         }
+        answers
+            .into_iter()
+            .zip(ids.iter().zip(routed))
+            .map(|(answer, (id, (key, shard)))| match answer {
+                Some(answer) => answered(answer),
+                None => self.read_in_shard(*id, key, shard),
+            })
+            .collect()
+    }
+
+    fn read_in_shard(&self, id: SectorId, key: Key, shard: usize) -> Pending<Option<Vec<u8>>> {
         let (reply, pending) = Pending::channel();
         match self.send(shard, Request::Read { key, id, reply }) {
             Ok(()) => pending,
@@ -593,6 +625,14 @@ impl Engine {
             let _ = thread.join();
         }
         checkpointed
+    }
+}
+
+/// A read answered on the caller's thread, as a completed [`Pending`].
+fn answered(answer: Cached) -> Pending<Option<Vec<u8>>> {
+    match answer {
+        Cached::Found(payload) => Pending::ready(Ok(Some(payload))),
+        Cached::Absent => Pending::ready(Ok(None)),
     }
 }
 

@@ -363,6 +363,19 @@ fn flipped_payload_byte_reads_corrupt_from_the_page_cache() {
     expect_corrupt(&engine, &TWICE, "flipped while open");
     expect_corrupt(&engine, &TWICE, "flipped while open, read again");
     expect_intact(&engine, &latest, &TWICE);
+    // Read together with its neighbours (one system call for the lot): the
+    // damaged record alone is Corrupt.
+    let ids: Vec<SectorId> = latest.keys().chain([&TWICE]).copied().collect();
+    for (id, got) in ids.iter().zip(engine.read_many(&ids)) {
+        match got.wait() {
+            Err(EngineError::Corrupt(corrupt)) => assert_eq!((id, corrupt), (&TWICE, TWICE)),
+            Ok(Some(bytes)) => assert!(
+                *id != TWICE && bytes == content(id, latest[id]),
+                "{id:?} read with its neighbours is not its latest version"
+            ),
+            other => panic!("{id:?} read with its neighbours: {other:?}"),
+        }
+    }
     engine.shutdown().unwrap();
 }
 

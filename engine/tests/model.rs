@@ -90,6 +90,17 @@ fn verify(engine: &Engine, model: &Model, when: &str) {
             want.as_ref().map(Vec::len)
         );
     }
+    // The same, many at a time (records read together where they lie together).
+    let ids: Vec<SectorId> = model.keys().copied().collect();
+    for chunk in ids.chunks(37) {
+        for (id, got) in chunk.iter().zip(engine.read_many(chunk)) {
+            let got = got.wait().unwrap();
+            assert!(
+                got == model[id],
+                "{when}: {id:?} read with others differs from the model"
+            );
+        }
+    }
     let stats = engine.stats().unwrap();
     let live: Vec<usize> = model.values().flatten().map(Vec::len).collect();
     assert_eq!(
@@ -138,7 +149,7 @@ fn worker(engine: Engine, thread: usize, owned: Vec<SectorId>, all: Vec<SectorId
                     .sum::<u64>();
                 model.extend(ops);
             }
-            5..=8 => {
+            5..=6 => {
                 let id = pick(&mut state, &owned);
                 let got = engine.read(id).wait().unwrap();
                 assert!(
@@ -148,13 +159,31 @@ fn worker(engine: Engine, thread: usize, owned: Vec<SectorId>, all: Vec<SectorId
                     model[&id].as_ref().map(Vec::len)
                 );
             }
-            _ => {
-                let id = pick(&mut state, &all);
-                if let Some(bytes) = engine.read(id).wait().unwrap() {
+            7..=8 => {
+                // A run of neighbours (often written together) and a repeat.
+                let first = (splitmix(&mut state) % owned.len() as u64) as usize;
+                let mut ids: Vec<SectorId> =
+                    owned.iter().cycle().skip(first).take(6).copied().collect();
+                ids.push(ids[0]);
+                for (id, got) in ids.iter().zip(engine.read_many(&ids)) {
+                    let got = got.wait().unwrap();
                     assert!(
-                        belongs_to(&id, &bytes),
-                        "{id:?} holds another sector's contents"
+                        got == model[id],
+                        "thread {thread}, op {op}: {id:?} read with others reads {:?} bytes, the model holds {:?}",
+                        got.map(|bytes| bytes.len()),
+                        model[id].as_ref().map(Vec::len)
                     );
+                }
+            }
+            _ => {
+                let ids: Vec<SectorId> = (0..4).map(|_| pick(&mut state, &all)).collect();
+                for (id, got) in ids.iter().zip(engine.read_many(&ids)) {
+                    if let Some(bytes) = got.wait().unwrap() {
+                        assert!(
+                            belongs_to(id, &bytes),
+                            "{id:?} holds another sector's contents"
+                        );
+                    }
                 }
             }
         }

@@ -665,12 +665,12 @@ impl SectorStore {
                 "data sector {index} is past the end of inode {inode} ({count} sectors)"
             )));
         }
-        let engine = self.engine();
-        let pending: Vec<_> = indices
+        let ids: Vec<SectorId> = indices
             .iter()
-            .map(|index| engine.read(self.id(inode, SectorKind::Data(*index))))
+            .map(|index| self.id(inode, SectorKind::Data(*index)))
             .collect();
-        pending
+        self.engine()
+            .read_many(&ids)
             .into_iter()
             .map(|read| read.wait().map_err(ServiceError::from))
             .collect()
