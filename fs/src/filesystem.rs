@@ -495,19 +495,11 @@ impl FileSystem {
         };
         node.begin_commit();
         let meta = write.meta.clone();
-        match self.submit(SectorBatch {
+        let stored = self.submit(SectorBatch {
             files: vec![write],
             removes: Vec::new(),
-        }) {
-            Ok(()) => {
-                node.finish_commit(&self.ctx, meta);
-                Ok(())
-            }
-            Err(error) => {
-                node.abort_commit();
-                Err(error)
-            }
-        }
+        });
+        node.end_commit(&self.ctx, meta, stored)
     }
 
     /// Stages the changes of several nodes (and deletes) to be committed together;
@@ -1795,17 +1787,7 @@ impl FileSystem {
         // state, or every later commit of the file would wait forever.
         let stored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.submit(batch)))
             .unwrap_or_else(|_| Err(FsError::Io("the store panicked taking a batch".into())));
-        let mut node = lock(node_ref);
-        match stored {
-            Ok(()) => {
-                node.finish_commit(&self.ctx, meta);
-                Ok(())
-            }
-            Err(error) => {
-                node.abort_commit();
-                Err(error)
-            }
-        }
+        lock(node_ref).end_commit(&self.ctx, meta, stored)
     }
 
     /// Writes `data` at `offset` (at the end for `O_APPEND`); returns the count.

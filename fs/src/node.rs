@@ -908,6 +908,17 @@ impl NodeState {
         }
     }
 
+    /// Ends the commit in flight as the store answered (`stored`):
+    /// [`NodeState::finish_commit`] if it took the batch, else
+    /// [`NodeState::abort_commit`]; returns the answer.
+    pub fn end_commit(&mut self, ctx: &Ctx, meta: FileMeta, stored: FsResult<()>) -> FsResult<()> {
+        match stored {
+            Ok(()) => self.finish_commit(ctx, meta),
+            Err(_) => self.abort_commit(),
+        }
+        stored
+    }
+
     /// After a refused or failed batch: nothing is lost. The batch's sectors,
     /// holes and cut go back into the buffers under whatever was written since
     /// (a later commit retries them), and the tree is reloaded from the store.
