@@ -15,7 +15,7 @@ use crate::attr::{
 use crate::authorizer;
 use crate::dir::{self, DIR_SECTOR_SIZE, Entry, NAME_MAX};
 use crate::error::{FsError, FsResult};
-use crate::node::{Ctx, NodeKeys, NodeState, ParentInfo, ReadPlan, SectorFetch};
+use crate::node::{Ctx, NodeKeys, NodeState, ParentInfo, Presealed, ReadPlan, SectorFetch};
 use blocktree_core::aead::{SymmetricKey, random_fill};
 use blocktree_core::credstore::CredStore;
 use blocktree_core::hash::HashAlgorithm;
@@ -106,6 +106,10 @@ struct Pending {
 const PENDING_NODES: usize = 1024;
 /// New files up to this many buffered bytes wait for the staged commit on close.
 const SMALL_NEW_FILE: usize = 64 * 1024;
+
+/// Writes shorter than this cover no whole sector of any file worth sealing
+/// before the lock (the smallest sector size).
+const MIN_PRESEAL_BYTES: usize = 512;
 /// How long a read that failed verification in a cluster is planned again,
 /// after catching up with changes other members made, before it is EIO; and
 /// its first pause, doubled each time up to a tenth of that. The announcement
@@ -1797,9 +1801,18 @@ impl FileSystem {
             return Err(FsError::BadHandle);
         }
         let node_ref = node;
+        // The sectors the write covers whole are sealed here, before the lock:
+        // the file's other writers and its commit in flight go on meanwhile. An
+        // append's offset is known only under the lock.
+        let presealed = if append || data.len() < MIN_PRESEAL_BYTES {
+            Presealed::default()
+        } else {
+            let context = lock(&node_ref).seal_context(&self.ctx);
+            context.preseal(offset, data)
+        };
         let mut node = lock(&node_ref);
         let offset = if append { node.secrets.size } else { offset };
-        let written = node.write(&self.ctx, offset, data);
+        let written = node.write_presealed(&self.ctx, offset, data, presealed);
         let mut node = match written {
             Ok(()) => node,
             Err(FsError::Access(why)) => {

@@ -3,6 +3,11 @@
 //! writes to whole sectors, seals them, updates the tree once per batch and signs
 //! the metadata once per batch; it verifies every sector it reads against the tree
 //! whose root the signed metadata holds.
+//!
+//! Sectors a write covers whole are sealed and leaf-hashed by the writer before it
+//! takes the node's lock ([`SealContext::preseal`]): the CPU-bound part of a batch
+//! then runs on every writer's thread while the previous batch is in the store,
+//! and a commit only seals what was written in part.
 
 use crate::attr::now;
 use crate::dir::Directory;
@@ -73,7 +78,9 @@ impl Ctx {
 pub(crate) struct NodeKeys {
     pub file_key: SymmetricKey,
     epoch_keys: BTreeMap<u32, SymmetricKey>,
-    sealer: SectorSealer,
+    /// Shared with writers sealing outside the node's lock; a node's keys never
+    /// change while it holds buffered writes (only a clean node is reloaded).
+    sealer: Arc<SectorSealer>,
     opener: Arc<SectorOpener>,
 }
 
@@ -94,8 +101,8 @@ pub(crate) struct NodeState {
     /// Inodes from a readcap holder to this file, for [`ReadAccess`].
     pub chain: Vec<u64>,
     tree: Option<MerkleTree>,
-    /// Plaintext of sectors written and not yet committed.
-    dirty: BTreeMap<u64, Vec<u8>>,
+    /// Sectors written and not yet committed.
+    dirty: BTreeMap<u64, DirtySector>,
     dirty_bytes: usize,
     /// Sectors punched to holes and not yet committed.
     holes: BTreeSet<u64>,
@@ -120,6 +127,88 @@ pub(crate) struct NodeState {
     inflight: Option<InFlight>,
     /// Signalled when a commit in flight finishes (or is aborted).
     commit_done: Arc<Condvar>,
+}
+
+/// A sector written and not yet committed.
+struct DirtySector {
+    plaintext: Vec<u8>,
+    /// Its record and leaf, if the writer sealed exactly this plaintext
+    /// already; any later change of the plaintext drops them.
+    sealed: Option<(Vec<u8>, Digest)>,
+}
+
+impl DirtySector {
+    fn unsealed(plaintext: Vec<u8>) -> DirtySector {
+        DirtySector {
+            plaintext,
+            sealed: None,
+        }
+    }
+}
+
+/// What sealing a file's sectors needs, taken under the node's lock so that
+/// writers can seal without it ([`SealContext::preseal`]).
+pub(crate) struct SealContext {
+    ino: u64,
+    generation: u64,
+    algorithm: HashAlgorithm,
+    sector_size: u64,
+    sealer: Option<Arc<SectorSealer>>,
+}
+
+/// Sectors a writer sealed before taking the node's lock, by index, and the
+/// sealer that sealed them (the node takes them only if it still seals so).
+#[derive(Default)]
+pub(crate) struct Presealed {
+    sectors: HashMap<u64, (Vec<u8>, Digest)>,
+    sealer: Option<Arc<SectorSealer>>,
+    generation: u64,
+}
+
+impl SealContext {
+    /// Seals and leaf-hashes the sectors that `data`, written at `offset`,
+    /// covers whole. A sector that fails to seal is left to the commit, which
+    /// reports the failure.
+    pub fn preseal(&self, offset: u64, data: &[u8]) -> Presealed {
+        let sector = self.sector_size;
+        let end = offset.saturating_add(data.len() as u64);
+        let first = offset.div_ceil(sector);
+        let end_whole = end / sector;
+        let mut presealed = Presealed {
+            sectors: HashMap::new(),
+            sealer: self.sealer.clone(),
+            generation: self.generation,
+        };
+        if first >= end_whole {
+            return presealed;
+        }
+        let sealed: Vec<(u64, Vec<u8>)> = (first..end_whole)
+            .filter_map(|index| {
+                let from = (index * sector - offset) as usize;
+                let plaintext = &data[from..from + sector as usize];
+                let record = match &self.sealer {
+                    Some(sealer) => {
+                        let id = SectorId {
+                            generation: self.generation,
+                            inode: self.ino,
+                            sector: SectorKind::Data(index),
+                        };
+                        sealer.seal_to_vec(&id, plaintext).ok()?
+                    }
+                    None => plaintext.to_vec(),
+                };
+                Some((index, record))
+            })
+            .collect();
+        let records: Vec<&[u8]> = sealed.iter().map(|(_, record)| record.as_slice()).collect();
+        let leaves = MerkleTree::leaf_hashes(self.algorithm, &records);
+        presealed.sectors = sealed
+            .into_iter()
+            .zip(leaves)
+            .map(|((index, record), leaf)| (index, (record, leaf)))
+            .collect();
+        presealed
+    }
 }
 
 /// What a commit in flight takes from the buffers: the sectors it writes and
@@ -158,7 +247,7 @@ impl NodeKeys {
         Ok(NodeKeys {
             file_key,
             epoch_keys,
-            sealer,
+            sealer: Arc::new(sealer),
             opener: Arc::new(opener),
         })
     }
@@ -465,8 +554,8 @@ impl NodeState {
         let mut have: Vec<Option<Vec<u8>>> = Vec::with_capacity(indices.len());
         let mut missing = Vec::new();
         for &index in indices {
-            if let Some(plaintext) = self.dirty.get(&index) {
-                have.push(Some(plaintext.clone()));
+            if let Some(buffered) = self.dirty.get(&index) {
+                have.push(Some(buffered.plaintext.clone()));
             } else if self.is_cut_or_punched(index) {
                 have.push(Some(vec![0u8; size]));
             } else if let Some(plaintext) = self.inflight_sector(index) {
@@ -588,8 +677,41 @@ impl NodeState {
         out
     }
 
+    /// What a writer needs to seal this file's sectors without its lock.
+    pub fn seal_context(&self, ctx: &Ctx) -> SealContext {
+        SealContext {
+            ino: self.ino,
+            generation: ctx.generation(),
+            algorithm: self.body.hash_algorithm,
+            sector_size: self.sector_size(),
+            sealer: self.keys.as_ref().map(|keys| Arc::clone(&keys.sealer)),
+        }
+    }
+
     /// Writes `data` at `offset` into whole-sector buffers; commits later.
     pub fn write(&mut self, ctx: &Ctx, offset: u64, data: &[u8]) -> FsResult<()> {
+        self.write_presealed(ctx, offset, data, Presealed::default())
+    }
+
+    /// [`NodeState::write`] with the sectors the writer sealed already
+    /// ([`SealContext::preseal`] of the same `offset` and `data`); they are
+    /// dropped if the file's sealer is no longer the one that sealed them.
+    pub fn write_presealed(
+        &mut self,
+        ctx: &Ctx,
+        offset: u64,
+        data: &[u8],
+        presealed: Presealed,
+    ) -> FsResult<()> {
+        let mut presealed = presealed;
+        let same_sealer = match (&presealed.sealer, &self.keys) {
+            (None, None) => true,
+            (Some(sealer), Some(keys)) => Arc::ptr_eq(sealer, &keys.sealer),
+            _ => false,
+        };
+        if !same_sealer || presealed.generation != ctx.generation() {
+            presealed.sectors.clear();
+        }
         if data.is_empty() {
             return Ok(());
         }
@@ -621,16 +743,22 @@ impl NodeState {
             let buffer = match self.dirty.get_mut(&index) {
                 Some(buffer) => buffer,
                 None => {
-                    let buffer = bases
+                    let plaintext = bases
                         .remove(&index)
                         .unwrap_or_else(|| vec![0u8; sector as usize]);
-                    self.dirty_bytes += buffer.len();
+                    self.dirty_bytes += plaintext.len();
                     self.cache.remove(&index);
                     self.holes.remove(&index);
-                    self.dirty.entry(index).or_insert(buffer)
+                    self.dirty
+                        .entry(index)
+                        .or_insert(DirtySector::unsealed(plaintext))
                 }
             };
-            buffer[(from - start) as usize..(to - start) as usize].copy_from_slice(source);
+            buffer.plaintext[(from - start) as usize..(to - start) as usize]
+                .copy_from_slice(source);
+            // Only a sector this write covers whole can have been presealed, and
+            // then its record holds exactly the plaintext just copied.
+            buffer.sealed = presealed.sectors.remove(&index);
         }
         if end > self.secrets.size {
             self.secrets.size = end;
@@ -656,7 +784,7 @@ impl NodeState {
             let cut: Vec<u64> = self.dirty.range(keep..).map(|(index, _)| *index).collect();
             for index in cut {
                 if let Some(buffer) = self.dirty.remove(&index) {
-                    self.dirty_bytes -= buffer.len();
+                    self.dirty_bytes -= buffer.plaintext.len();
                 }
             }
             self.holes.retain(|&index| index < keep);
@@ -719,7 +847,7 @@ impl NodeState {
         let end_whole = end / sector;
         for index in first_whole..end_whole {
             if let Some(buffer) = self.dirty.remove(&index) {
-                self.dirty_bytes -= buffer.len();
+                self.dirty_bytes -= buffer.plaintext.len();
             }
             self.cache.remove(&index);
             self.holes.insert(index);
@@ -758,8 +886,8 @@ impl NodeState {
             let (blocks, count) = dir.take_dirty();
             for (index, plaintext) in blocks {
                 self.dirty_bytes += plaintext.len();
-                if let Some(old) = self.dirty.insert(index, plaintext) {
-                    self.dirty_bytes -= old.len();
+                if let Some(old) = self.dirty.insert(index, DirtySector::unsealed(plaintext)) {
+                    self.dirty_bytes -= old.plaintext.len();
                 }
                 self.holes.remove(&index);
             }
@@ -777,18 +905,21 @@ impl NodeState {
             .ok_or_else(|| FsError::ReadOnly("this runtime holds no writecap".into()))?;
         let sector = self.sector_size();
         let sector_count = self.secrets.size.div_ceil(sector);
-        let dirty: Vec<(u64, &Vec<u8>)> = self
-            .dirty
-            .range(..sector_count)
-            .map(|(index, plaintext)| (*index, plaintext))
-            .collect();
         let generation = ctx.generation();
         let ino = self.ino;
         let keys = self.keys.as_ref();
         let algorithm = self.body.hash_algorithm;
+        // What the writers did not seal already (sectors written in part).
+        let unsealed: Vec<(u64, &Vec<u8>)> = self
+            .dirty
+            .range(..sector_count)
+            .filter(|(_, buffered)| buffered.sealed.is_none())
+            .map(|(index, buffered)| (*index, &buffered.plaintext))
+            .collect();
+        let unsealed_bytes = unsealed.iter().map(|(_, plaintext)| plaintext.len()).sum();
         // Sealing and leaf hashing, the CPU-bound part of a batch, on every core; each
         // core hashes its records together.
-        let sealed = parallel_map_chunks(&dirty, self.dirty_bytes, |part| {
+        let results = parallel_map_chunks(&unsealed, unsealed_bytes, |part| {
             let records: Vec<Result<Vec<u8>, FsError>> = part
                 .iter()
                 .map(|(index, plaintext)| match keys {
@@ -816,12 +947,24 @@ impl NodeState {
                 })
                 .collect()
         });
-        let mut data = Vec::with_capacity(sealed.len());
-        let mut leaves = Vec::with_capacity(sealed.len() + self.holes.len() + 1);
-        for result in sealed {
+        let mut sealed_now: BTreeMap<u64, (Vec<u8>, Digest)> = BTreeMap::new();
+        for result in results {
             let (index, record, leaf) = result?;
-            leaves.push((index, leaf));
-            data.push((index, record));
+            sealed_now.insert(index, (record, leaf));
+        }
+        let mut data = Vec::with_capacity(self.dirty.len());
+        let mut leaves = Vec::with_capacity(self.dirty.len() + self.holes.len() + 1);
+        for (index, buffered) in self.dirty.range_mut(..sector_count) {
+            // The presealed record moves into the batch: a refused batch's
+            // sectors come back unsealed and are sealed again.
+            let (record, leaf) = match buffered.sealed.take() {
+                Some(sealed) => sealed,
+                None => sealed_now
+                    .remove(index)
+                    .ok_or_else(|| FsError::Io("a sealed sector is missing".into()))?,
+            };
+            leaves.push((*index, leaf));
+            data.push((*index, record));
         }
         let stored = self.body.sector_count.min(sector_count);
         let mut holes: BTreeSet<u64> = self.holes.range(..sector_count).copied().collect();
@@ -861,7 +1004,10 @@ impl NodeState {
     /// batch's sectors until it lands.
     pub fn begin_commit(&mut self) {
         self.inflight = Some(InFlight {
-            sectors: std::mem::take(&mut self.dirty),
+            sectors: std::mem::take(&mut self.dirty)
+                .into_iter()
+                .map(|(index, buffered)| (index, buffered.plaintext))
+                .collect(),
             holes: std::mem::take(&mut self.holes),
             cut_from: self.cut_from.take(),
         });
@@ -930,7 +1076,7 @@ impl NodeState {
                     continue;
                 }
                 self.dirty_bytes += plaintext.len();
-                self.dirty.insert(index, plaintext);
+                self.dirty.insert(index, DirtySector::unsealed(plaintext));
             }
             for index in undone.holes {
                 if !self.dirty.contains_key(&index) && !self.is_cut_or_punched(index) {
