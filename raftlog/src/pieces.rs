@@ -93,19 +93,23 @@ pub fn parallel_map_chunks<T: Sync, R: Send>(
         return work(items);
     }
     let chunk = items.len().div_ceil(threads);
+    let (first, rest) = items.split_at(chunk.min(items.len()));
     std::thread::scope(|scope| {
         let work = &work;
-        let handles: Vec<_> = items
+        // The caller takes the first chunk itself rather than wait idle: one
+        // thread fewer to spawn for every batch and every large read.
+        let handles: Vec<_> = rest
             .chunks(chunk)
             .map(|part| scope.spawn(move || work(part)))
             .collect();
-        handles
-            .into_iter()
-            .flat_map(|handle| match handle.join() {
-                Ok(results) => results,
+        let mut results = work(first);
+        for handle in handles {
+            match handle.join() {
+                Ok(part) => results.extend(part),
                 Err(panic) => std::panic::resume_unwind(panic),
-            })
-            .collect()
+            }
+        }
+        results
     })
 }
 
@@ -122,6 +126,18 @@ mod tests {
         assert_eq!(piece_count(algorithm, 129), 2);
         assert_eq!(expected_piece_len(algorithm, 129, 1), 32);
         assert_eq!(expected_piece_len(algorithm, 129, 2), 0);
+    }
+
+    #[test]
+    fn parallel_maps_keep_the_order_of_their_items() {
+        let items: Vec<u32> = (0..1001).collect();
+        let doubled = parallel_map(&items, PARALLEL_BYTES * 4, |item| item * 2);
+        assert_eq!(
+            doubled,
+            items.iter().map(|item| item * 2).collect::<Vec<_>>()
+        );
+        let small = parallel_map(&items[..3], 0, |item| item + 1);
+        assert_eq!(small, vec![1, 2, 3]);
     }
 
     #[test]
