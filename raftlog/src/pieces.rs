@@ -9,6 +9,7 @@ use blocktree_core::hash::HashAlgorithm;
 use blocktree_core::merkle::MerkleTree;
 use blocktree_core::sector::MERKLE_PIECE_BYTES;
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Leaf digests in one piece for `algorithm`.
 pub fn leaves_per_piece(algorithm: HashAlgorithm) -> u64 {
@@ -92,6 +93,13 @@ pub fn parallel_map_chunks<T: Sync, R: Send>(
     if threads < 2 {
         return work(items);
     }
+    // Under concurrent load (an NBD client's queue of reads, several writers)
+    // the callers keep the cores busy already: a second map runs on its own
+    // thread rather than spawn helpers that would only take turns with it.
+    let _active = match ActiveMap::enter() {
+        Some(active) => active,
+        None => return work(items),
+    };
     let chunk = items.len().div_ceil(threads);
     let (first, rest) = items.split_at(chunk.min(items.len()));
     std::thread::scope(|scope| {
@@ -111,6 +119,28 @@ pub fn parallel_map_chunks<T: Sync, R: Send>(
         }
         results
     })
+}
+
+/// Parallel maps running now; at most one spreads over the cores at a time.
+static ACTIVE_MAPS: AtomicUsize = AtomicUsize::new(0);
+
+/// A parallel map that spreads its work, counted in [`ACTIVE_MAPS`] until dropped.
+struct ActiveMap;
+
+impl ActiveMap {
+    /// `None` if another map is spreading its work already.
+    fn enter() -> Option<ActiveMap> {
+        ACTIVE_MAPS
+            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
+            .ok()
+            .map(|_| ActiveMap)
+    }
+}
+
+impl Drop for ActiveMap {
+    fn drop(&mut self) {
+        ACTIVE_MAPS.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 #[cfg(test)]
