@@ -1794,6 +1794,26 @@ impl FileSystem {
         lock(node_ref).end_commit(&self.ctx, meta, stored)
     }
 
+    /// Locks `node_ref` once its buffers are under the dirty limit: a writer
+    /// that finds them full waits for the commit in flight, or commits them
+    /// itself, before it buffers more. Writers no longer stall while a batch
+    /// is sealed, so without this a file's buffers grew by every write queued
+    /// behind the commit (an NBD client's whole queue).
+    fn lock_with_room<'n>(&self, node_ref: &'n NodeRef) -> FsResult<MutexGuard<'n, NodeState>> {
+        loop {
+            let node = lock(node_ref);
+            if node.dirty_bytes() < self.config.dirty_limit {
+                return Ok(node);
+            }
+            if node.commit_in_flight() {
+                drop(settle(node));
+                continue;
+            }
+            drop(node);
+            self.commit_file_over(node_ref, self.config.dirty_limit)?;
+        }
+    }
+
     /// Writes `data` at `offset` (at the end for `O_APPEND`); returns the count.
     pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
         let (node, write, append) = self.handle(fh)?;
@@ -1810,7 +1830,7 @@ impl FileSystem {
             let context = lock(&node_ref).seal_context(&self.ctx);
             context.preseal(offset, data)
         };
-        let mut node = lock(&node_ref);
+        let mut node = self.lock_with_room(&node_ref)?;
         let offset = if append { node.secrets.size } else { offset };
         let written = node.write_presealed(&self.ctx, offset, data, presealed);
         let mut node = match written {

@@ -155,13 +155,17 @@ fn check_holes(fs: &FileSystem, ino: u64, model: &[u8], when: &str) {
     }
 }
 
-fn run(domain: &Domain, sector_size: u32, encrypted: bool, ops: &[Op], store_it: bool) {
-    let config = FsConfig {
-        sector_size,
-        encrypt_root: encrypted,
-        dirty_limit: DIRTY_LIMIT,
-        ..FsConfig::default()
-    };
+/// A file system on the domain's real store behind a [`Gate`]; the receiver
+/// hears of the held write, the sender gives the verdict on it.
+fn gated(
+    domain: &Domain,
+    config: &FsConfig,
+) -> (
+    FileSystem,
+    Arc<Gate>,
+    mpsc::Receiver<()>,
+    mpsc::Sender<bool>,
+) {
     let (arrived_tx, arrived) = mpsc::channel();
     let (verdict, verdict_rx) = mpsc::channel();
     let inner: Arc<dyn SectorService> = open_service(
@@ -178,6 +182,17 @@ fn run(domain: &Domain, sector_size: u32, encrypted: bool, ops: &[Op], store_it:
         verdict: Mutex::new(verdict_rx),
     });
     let fs = FileSystem::new(gate.clone(), domain.creds.clone(), config.clone()).unwrap();
+    (fs, gate, arrived, verdict)
+}
+
+fn run(domain: &Domain, sector_size: u32, encrypted: bool, ops: &[Op], store_it: bool) {
+    let config = FsConfig {
+        sector_size,
+        encrypt_root: encrypted,
+        dirty_limit: DIRTY_LIMIT,
+        ..FsConfig::default()
+    };
+    let (fs, gate, arrived, verdict) = gated(domain, &config);
     let name = format!(
         "inflight-{sector_size}-{encrypted}-{}",
         NEXT.fetch_add(1, Ordering::SeqCst)
@@ -320,4 +335,63 @@ fn changes_made_while_a_commit_is_in_flight_read_back_after_it_lands() {
 #[test]
 fn changes_made_while_a_commit_is_in_flight_survive_its_refusal() {
     cases(false);
+}
+
+/// A writer that finds the file's buffers full while a commit is in flight
+/// waits for it before buffering anything: the buffers stay bounded however
+/// many writers queue behind a commit (an NBD client's whole queue).
+#[test]
+fn a_writer_finding_the_buffers_full_waits_for_the_commit_in_flight() {
+    let domain = Domain::new();
+    let config = FsConfig {
+        dirty_limit: DIRTY_LIMIT,
+        ..FsConfig::default()
+    };
+    let (fs, gate, arrived, verdict) = gated(&domain, &config);
+    let (attr, fh) = fs
+        .create(&root(), FileSystem::ROOT, b"full", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    let held = pattern(DIRTY_LIMIT + 4096, 3);
+    let fill = pattern(DIRTY_LIMIT, 5);
+    let late = pattern(8192, 9);
+    let fill_at = 2 * DIRTY_LIMIT as u64;
+    let late_at = 4 * DIRTY_LIMIT as u64;
+    gate.armed.store(attr.ino, Ordering::SeqCst);
+    std::thread::scope(|scope| {
+        let committer = scope.spawn(|| fs.write(fh, 0, &held));
+        arrived.recv().unwrap();
+        // Fills the buffers again: this writer then waits to commit them.
+        let filler = scope.spawn(|| fs.write(fh, fill_at, &fill));
+        while fs.read(fh, fill_at, 1).unwrap() != fill[..1] {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let (done_tx, done) = mpsc::channel();
+        let (fs, late) = (&fs, &late);
+        let late_writer = scope.spawn(move || {
+            let written = fs.write(fh, late_at, late);
+            done_tx.send(()).unwrap();
+            written
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let returned = done.try_recv().is_ok();
+        let buffered = !fs.read(fh, late_at, late.len() as u32).unwrap().is_empty();
+        // The verdict first, so that a failure below does not leave the
+        // writers waiting for it.
+        verdict.send(true).unwrap();
+        committer.join().unwrap().unwrap();
+        filler.join().unwrap().unwrap();
+        late_writer.join().unwrap().unwrap();
+        assert!(
+            !returned,
+            "a write into full buffers returned while the commit was held"
+        );
+        assert!(
+            !buffered,
+            "a write into full buffers was buffered while the commit was held"
+        );
+    });
+    assert_eq!(fs.read(fh, late_at, late.len() as u32).unwrap(), late);
+    assert_eq!(fs.read(fh, fill_at, fill.len() as u32).unwrap(), fill);
+    assert_eq!(fs.read(fh, 0, held.len() as u32).unwrap(), held);
+    fs.release(fh).unwrap();
 }
