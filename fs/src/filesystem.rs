@@ -1798,8 +1798,12 @@ impl FileSystem {
     /// that finds them full waits for the commit in flight, or commits them
     /// itself, before it buffers more. Writers no longer stall while a batch
     /// is sealed, so without this a file's buffers grew by every write queued
-    /// behind the commit (an NBD client's whole queue).
+    /// behind the commit (an NBD client's whole queue). One commit attempt
+    /// is enough: a small new file's buffers wait for the staged commit
+    /// instead (`commit_file_over`) and stay as full as they were, and the
+    /// writer would spin until that commit came due (up to `PENDING_AGE`).
     fn lock_with_room<'n>(&self, node_ref: &'n NodeRef) -> FsResult<MutexGuard<'n, NodeState>> {
+        let mut committed = false;
         loop {
             let node = lock(node_ref);
             if node.dirty_bytes() < self.config.dirty_limit {
@@ -1809,8 +1813,12 @@ impl FileSystem {
                 drop(settle(node));
                 continue;
             }
+            if committed {
+                return Ok(node);
+            }
             drop(node);
             self.commit_file_over(node_ref, self.config.dirty_limit)?;
+            committed = true;
         }
     }
 
