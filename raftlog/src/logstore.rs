@@ -79,9 +79,41 @@ const COUNT_BYTES: usize = 2;
 /// Encodes `entry` as its records, copying each byte at most once (the
 /// largest entries are whole write batches, up to 16 MiB).
 fn encode_entry(entry: &Entry) -> Result<(Vec<Vec<u8>>, u64), String> {
-    let framed = codec::encode_after(vec![0; COUNT_BYTES], RaftKind::LogEntry, entry);
+    let mut room = Vec::with_capacity(COUNT_BYTES + encoded_size_hint(entry));
+    room.extend_from_slice(&[0; COUNT_BYTES]);
+    let framed = codec::encode_after(room, RaftKind::LogEntry, entry);
     let bytes = (framed.len() - COUNT_BYTES) as u64;
     Ok((split_framed(framed)?, bytes))
+}
+
+/// Bytes an op's encoding adds to its data at most: the inode, the sector
+/// kind and index (varints), the option's tag and the data's length.
+const OP_ENCODING_BYTES: usize = 32;
+
+/// Bytes a written sector id's encoding takes at most.
+const WRITTEN_ENCODING_BYTES: usize = 16;
+
+/// About how long `entry`'s encoding is (a little more for a write batch), so
+/// that it is encoded into one allocation: growing the vector by doubling
+/// copied a batch of random writes several times over and faulted in fresh
+/// pages each time.
+fn encoded_size_hint(entry: &Entry) -> usize {
+    match &entry.payload {
+        openraft::EntryPayload::Normal(crate::types::RaftRequest::Write { batch, .. }) => {
+            let ops: usize = batch
+                .ops
+                .iter()
+                .map(|op| op.data.as_ref().map_or(0, |data| data.len()) + OP_ENCODING_BYTES)
+                .sum();
+            let written: usize = batch
+                .written
+                .iter()
+                .map(|(_, sectors)| (sectors.len() + 1) * WRITTEN_ENCODING_BYTES)
+                .sum();
+            ops + written + 256
+        }
+        _ => 256,
+    }
 }
 
 /// Splits an encoding that follows [`COUNT_BYTES`] of room into records:
@@ -784,5 +816,54 @@ mod tests {
         assert!(parse_first_part(&[0]).is_err());
         assert!(parse_first_part(&[0, 0]).is_err());
         assert!(decode_entry(&[1, 1, 0xff]).is_err());
+    }
+
+    #[test]
+    fn a_write_batch_is_encoded_into_the_room_its_hint_makes() {
+        use crate::store::{SectorOp, StagedBatch};
+        use crate::types::{Origin, RaftRequest};
+        let mut batch = StagedBatch::default();
+        for index in 0..300u64 {
+            batch.ops.push(SectorOp {
+                inode: u64::MAX - index,
+                sector: SectorKind::Data(u64::MAX / (index + 1)),
+                data: (index % 7 != 0).then(|| bytes::Bytes::from(vec![index as u8; 4124])),
+            });
+        }
+        batch.written.push((
+            u64::MAX,
+            (0..300)
+                .map(|index| SectorKind::Merkle(u64::MAX - index))
+                .collect(),
+        ));
+        let request = RaftRequest::Write {
+            origin: Origin {
+                node: u64::MAX,
+                boot: u64::MAX,
+                seq: u64::MAX,
+            },
+            batch,
+        };
+        let entry = Entry {
+            log_id: openraft::LogId::new(openraft::CommittedLeaderId::new(u64::MAX, 1), 1 << 40),
+            payload: openraft::EntryPayload::Normal(request),
+        };
+        let encoded = codec::encode(RaftKind::LogEntry, &entry);
+        assert!(encoded.len() <= encoded_size_hint(&entry));
+        let (parts, bytes) = encode_entry(&entry).unwrap();
+        assert_eq!(bytes as usize, encoded.len());
+        let joined: Vec<u8> = parts
+            .iter()
+            .enumerate()
+            .flat_map(|(index, part)| {
+                if index == 0 {
+                    &part[COUNT_BYTES..]
+                } else {
+                    &part[..]
+                }
+                .to_vec()
+            })
+            .collect();
+        assert_eq!(decode_entry(&joined).unwrap(), entry);
     }
 }
