@@ -26,6 +26,7 @@ use crate::statemachine::MachineShared;
 use crate::types::{Entry, LogId, SectorRaft, StorageError, Vote};
 use blocktree_core::sector::{SectorId, SectorKind};
 use blocktree_engine::{Engine, EngineError, WriteBatch};
+use bytes::Bytes;
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{ErrorSubject, ErrorVerb, StorageIOError};
 use std::collections::{BTreeMap, VecDeque};
@@ -66,7 +67,7 @@ fn write_logs_error(error: impl ToString) -> StorageError {
 }
 
 /// An entry's records: part 0 carries the part count before its bytes.
-pub fn split_entry(encoded: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+pub fn split_entry(encoded: &[u8]) -> Result<Vec<Bytes>, String> {
     let mut framed = Vec::with_capacity(COUNT_BYTES + encoded.len());
     framed.extend_from_slice(&[0; COUNT_BYTES]);
     framed.extend_from_slice(encoded);
@@ -78,7 +79,7 @@ const COUNT_BYTES: usize = 2;
 
 /// Encodes `entry` as its records, copying each byte at most once (the
 /// largest entries are whole write batches, up to 16 MiB).
-fn encode_entry(entry: &Entry) -> Result<(Vec<Vec<u8>>, u64), String> {
+fn encode_entry(entry: &Entry) -> Result<(Vec<Bytes>, u64), String> {
     let mut room = Vec::with_capacity(COUNT_BYTES + encoded_size_hint(entry));
     room.extend_from_slice(&[0; COUNT_BYTES]);
     let framed = codec::encode_after(room, RaftKind::LogEntry, entry);
@@ -117,8 +118,8 @@ fn encoded_size_hint(entry: &Entry) -> usize {
 }
 
 /// Splits an encoding that follows [`COUNT_BYTES`] of room into records:
-/// the parts after the first are cut off the end, so part 0 stays where it is.
-fn split_framed(mut framed: Vec<u8>) -> Result<Vec<Vec<u8>>, String> {
+/// views of the one buffer, so no byte is copied.
+fn split_framed(mut framed: Vec<u8>) -> Result<Vec<Bytes>, String> {
     let encoded_len = framed.len() - COUNT_BYTES;
     let count = encoded_len.div_ceil(PART_BYTES).max(1);
     let count = u16::try_from(count)
@@ -126,12 +127,12 @@ fn split_framed(mut framed: Vec<u8>) -> Result<Vec<Vec<u8>>, String> {
         .filter(|count| u64::from(*count) <= MAX_PARTS)
         .ok_or_else(|| format!("an entry of {encoded_len} bytes is too large"))?;
     framed[..COUNT_BYTES].copy_from_slice(&count.to_le_bytes());
+    let mut rest = Bytes::from(framed);
     let mut parts = Vec::with_capacity(usize::from(count));
-    for part in (1..usize::from(count)).rev() {
-        parts.push(framed.split_off(COUNT_BYTES + part * PART_BYTES));
+    parts.push(rest.split_to(COUNT_BYTES + PART_BYTES.min(encoded_len)));
+    while !rest.is_empty() {
+        parts.push(rest.split_to(PART_BYTES.min(rest.len())));
     }
-    parts.push(framed);
-    parts.reverse();
     Ok(parts)
 }
 
