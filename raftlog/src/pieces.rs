@@ -9,7 +9,7 @@ use blocktree_core::hash::HashAlgorithm;
 use blocktree_core::merkle::MerkleTree;
 use blocktree_core::sector::MERKLE_PIECE_BYTES;
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Leaf digests in one piece for `algorithm`.
 pub fn leaves_per_piece(algorithm: HashAlgorithm) -> u64 {
@@ -121,17 +121,18 @@ pub fn parallel_map_chunks<T: Sync, R: Send>(
     })
 }
 
-/// Parallel maps running now; at most one spreads over the cores at a time.
-static ACTIVE_MAPS: AtomicUsize = AtomicUsize::new(0);
+/// Whether a parallel map is spreading its work over the cores now: at most
+/// one does at a time.
+static SPREADING: AtomicBool = AtomicBool::new(false);
 
-/// A parallel map that spreads its work, counted in [`ACTIVE_MAPS`] until dropped.
+/// The parallel map that spreads its work, holding [`SPREADING`] until dropped.
 struct ActiveMap;
 
 impl ActiveMap {
     /// `None` if another map is spreading its work already.
     fn enter() -> Option<ActiveMap> {
-        ACTIVE_MAPS
-            .compare_exchange(0, 1, Ordering::AcqRel, Ordering::Relaxed)
+        SPREADING
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
             .ok()
             .map(|_| ActiveMap)
     }
@@ -139,7 +140,7 @@ impl ActiveMap {
 
 impl Drop for ActiveMap {
     fn drop(&mut self) {
-        ACTIVE_MAPS.fetch_sub(1, Ordering::AcqRel);
+        SPREADING.store(false, Ordering::Release);
     }
 }
 
