@@ -46,7 +46,7 @@ const SNAPSHOT_READS: u64 = 64;
 /// How long one snapshot chunk may take to be stored by the receiver.
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long after a snapshot is installed the entries after it are kept at
-/// most, waiting for the receiver to take them.
+/// most, waiting for the receiver to catch up with them.
 const PIN_AFTER_INSTALL: Duration = Duration::from_secs(60);
 /// Sectors one `FetchSectors` call may ask for.
 pub const FETCH_SECTORS: usize = 32;
@@ -633,27 +633,39 @@ impl BttpConnection {
             .last_log_id
             .map(|log_id| SendingPin::new(shared.machine.clone(), log_id));
         let result = self.stream_snapshot(&shared, vote, snapshot).await;
-        // The pin stays until the receiver has taken the entries after the
-        // snapshot (or a while has passed), so they are not purged between
-        // the install and its first append.
-        if let (Some(pin), Some(raft), Ok(_)) = (pin, shared.raft.get().cloned(), &result) {
+        // The pin follows the receiver until it has caught up with the log
+        // (or a while has passed). Releasing it at the receiver's first
+        // append was not enough: an append carries at most
+        // `max_payload_entries`, openraft purges between two appends of the
+        // catch-up, and the receiver then needed a second snapshot of
+        // everything.
+        if let (Some(mut pin), Some(raft), Ok(_)) = (pin, shared.raft.get().cloned(), &result) {
             let target = self.target;
             tokio::spawn(async move {
                 let deadline = tokio::time::Instant::now() + PIN_AFTER_INSTALL;
                 let mut metrics = raft.metrics();
                 loop {
-                    let matched = metrics
-                        .borrow()
-                        .replication
-                        .as_ref()
-                        .and_then(|replication| replication.get(&target).cloned())
-                        .flatten();
-                    if matched.is_some_and(|matched| matched > pin.log_id)
-                        || tokio::time::Instant::now() >= deadline
-                    {
+                    let (matched, head) = {
+                        let metrics = metrics.borrow_and_update();
+                        let matched = metrics
+                            .replication
+                            .as_ref()
+                            .and_then(|replication| replication.get(&target).cloned())
+                            .flatten();
+                        (matched, metrics.last_log_index)
+                    };
+                    if let Some(matched) = matched.filter(|matched| *matched > pin.log_id) {
+                        pin.advance(matched);
+                        if Some(matched.index) >= head {
+                            break;
+                        }
+                    }
+                    if tokio::time::Instant::now() >= deadline {
                         break;
                     }
-                    let _ = tokio::time::timeout_at(deadline, metrics.changed()).await;
+                    if let Ok(Err(_)) = tokio::time::timeout_at(deadline, metrics.changed()).await {
+                        break; // Raft has stopped.
+                    }
                 }
                 drop(pin);
             });
@@ -779,6 +791,18 @@ impl SendingPin {
     fn new(machine: Arc<MachineShared>, log_id: crate::types::LogId) -> SendingPin {
         lock(&machine.sending).push(log_id);
         SendingPin { machine, log_id }
+    }
+}
+
+impl SendingPin {
+    /// Moves the pin forward to `log_id`: the receiver holds the entries
+    /// up to it, so only those after it need to stay.
+    fn advance(&mut self, log_id: crate::types::LogId) {
+        let mut sending = lock(&self.machine.sending);
+        if let Some(at) = sending.iter().position(|id| *id == self.log_id) {
+            sending[at] = log_id;
+        }
+        self.log_id = log_id;
     }
 }
 
