@@ -1658,6 +1658,14 @@ impl FileSystem {
             };
             match fetched {
                 Ok(fetched) => return Ok(lock(&node_ref).finish_read(plan, fetched)),
+                // A write since the plan committed while the records were
+                // fetched without the lock: a record the plan's leaf vouched
+                // for was replaced. Read again holding the lock, which no
+                // commit gets past, so a genuine failure is still EIO and a
+                // writer cannot starve the read.
+                Err(FsError::Io(_)) if lock(&node_ref).changed_since(&plan.sectors) => {
+                    return lock(&node_ref).read(&self.ctx, offset, u64::from(size));
+                }
                 // In a cluster, a linearizable read may return records another
                 // member wrote after this node's tree was planned against (the
                 // read waits for the leader's commit index; the announcement

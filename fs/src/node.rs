@@ -602,6 +602,12 @@ impl NodeState {
         })
     }
 
+    /// True if the file's contents changed since `plan` was made: records it
+    /// fetches may be newer than the leaves it holds.
+    pub(crate) fn changed_since(&self, plan: &SectorFetch) -> bool {
+        plan.version != self.version
+    }
+
     /// Assembles the sectors of `plan` and keeps the fetched ones in the cache,
     /// unless the file changed since the plan was made.
     pub fn finish_sectors(&mut self, plan: SectorFetch, fetched: Vec<Vec<u8>>) -> Vec<Vec<u8>> {

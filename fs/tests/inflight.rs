@@ -27,12 +27,27 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 /// Passes every call to the real store, except the first data write of the
-/// armed inode: that one waits for the test's verdict (true: store it).
+/// armed inode: that one waits for the test's verdict (true: store it). A read
+/// of data can be held too (`hold_read`).
 struct Gate {
     inner: Arc<dyn SectorService>,
     armed: AtomicU64,
     arrived: Mutex<mpsc::Sender<()>>,
     verdict: Mutex<mpsc::Receiver<bool>>,
+    read_armed: AtomicU64,
+    read_hold: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
+}
+
+impl Gate {
+    /// Holds the next data read of `inode` until the test sends on the
+    /// returned sender; the receiver hears when the read arrives.
+    fn hold_read(&self, inode: u64) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+        let (arrived_tx, arrived) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel();
+        *self.read_hold.lock().unwrap() = Some((arrived_tx, go_rx));
+        self.read_armed.store(inode, Ordering::SeqCst);
+        (arrived, go)
+    }
 }
 
 impl SectorService for Gate {
@@ -57,6 +72,13 @@ impl SectorService for Gate {
         indices: &[u64],
         access: Option<&ReadAccess>,
     ) -> Result<Vec<Option<Vec<u8>>>, ServiceError> {
+        if self.read_armed.load(Ordering::SeqCst) == inode
+            && self.read_armed.swap(0, Ordering::SeqCst) == inode
+            && let Some((arrived, go)) = self.read_hold.lock().unwrap().take()
+        {
+            arrived.send(()).unwrap();
+            go.recv().unwrap();
+        }
         self.inner.read_data(inode, indices, access)
     }
     fn write(&self, batch: SectorBatch) -> Result<(), ServiceError> {
@@ -180,6 +202,8 @@ fn gated(
         armed: AtomicU64::new(0),
         arrived: Mutex::new(arrived_tx),
         verdict: Mutex::new(verdict_rx),
+        read_armed: AtomicU64::new(0),
+        read_hold: Mutex::new(None),
     });
     let fs = FileSystem::new(gate.clone(), domain.creds.clone(), config.clone()).unwrap();
     (fs, gate, arrived, verdict)
@@ -393,5 +417,47 @@ fn a_writer_finding_the_buffers_full_waits_for_the_commit_in_flight() {
     assert_eq!(fs.read(fh, late_at, late.len() as u32).unwrap(), late);
     assert_eq!(fs.read(fh, fill_at, fill.len() as u32).unwrap(), fill);
     assert_eq!(fs.read(fh, 0, held.len() as u32).unwrap(), held);
+    fs.release(fh).unwrap();
+}
+
+/// A read fetches its records without the file's lock, against the leaves of
+/// the tree it planned with. When a write of the same sector commits in
+/// between, the record it fetches is newer than its leaf: the read must
+/// return the old or the new data, never EIO.
+#[test]
+fn a_read_racing_a_commit_of_its_sector_returns_data_not_eio() {
+    let domain = Domain::new();
+    // No sector cache: the read must go to the store.
+    let config = FsConfig {
+        cache_seconds: 0,
+        ..FsConfig::default()
+    };
+    let (fs, gate, _, _) = gated(&domain, &config);
+    let (attr, fh) = fs
+        .create(&root(), FileSystem::ROOT, b"raced", 0o644, 0, libc::O_RDWR)
+        .unwrap();
+    let old = pattern(64 * 1024, 11);
+    fs.write(fh, 0, &old).unwrap();
+    fs.fsync(fh, false).unwrap();
+    let at = 3 * 4096;
+    let new = pattern(4096, 200);
+    let (arrived, go) = gate.hold_read(attr.ino);
+    std::thread::scope(|scope| {
+        let reader = scope.spawn(|| fs.read(fh, at, 4096));
+        // The reader has planned against the old tree and waits to fetch.
+        arrived
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("the read reached the store");
+        fs.write(fh, at, &new).unwrap();
+        fs.fsync(fh, false).unwrap();
+        go.send(()).unwrap();
+        let read = reader.join().unwrap().expect("a raced read is not EIO");
+        let at = at as usize;
+        assert!(
+            read == new || read == old[at..at + 4096],
+            "a raced read returned neither the old nor the new data"
+        );
+    });
+    assert_eq!(fs.read(fh, at, 4096).unwrap(), new);
     fs.release(fh).unwrap();
 }
