@@ -443,6 +443,8 @@ pub(crate) struct NetworkShared {
     /// forgotten which leader it last acknowledged, and must not help elect
     /// another inside that leader's read lease ([`crate::lease`]).
     votes_from: Instant,
+    /// [`crate::RaftConfig::append_delay`] (fault injection).
+    append_delay: Duration,
 }
 
 impl NetworkShared {
@@ -451,6 +453,7 @@ impl NetworkShared {
         directory: BtPath,
         machine: Arc<MachineShared>,
         vote_guard: Duration,
+        append_delay: Duration,
     ) -> NetworkShared {
         NetworkShared {
             runtime,
@@ -461,6 +464,7 @@ impl NetworkShared {
             snapshots_installed: Mutex::new(0),
             member: OnceLock::new(),
             votes_from: Instant::now() + vote_guard,
+            append_delay,
         }
     }
 
@@ -487,6 +491,22 @@ pub struct BttpConnection {
     shared: Option<Arc<NetworkShared>>,
     target: NodeId,
     node: MemberNode,
+    /// The last append whose answer openraft stopped waiting for.
+    pending: Option<PendingAppend>,
+}
+
+/// An append still travelling after openraft gave up on it: openraft waits
+/// one heartbeat for an answer and then sends the entries again. The call
+/// goes on, and the stream's next append, which repeats it, waits for its
+/// answer instead of sending them again (see `reuse_pending`). Before, a
+/// follower whose appends took longer than a heartbeat (a far link, a slow
+/// disk) was sent the same entries again and again and never caught up.
+struct PendingAppend {
+    vote: Vote,
+    prev: Option<crate::types::LogId>,
+    last: Option<crate::types::LogId>,
+    sent: Instant,
+    answer: tokio::task::JoinHandle<Result<RaftReply, TransportError>>,
 }
 
 impl RaftNetworkFactory<SectorRaft> for BttpNetworkFactory {
@@ -497,6 +517,7 @@ impl RaftNetworkFactory<SectorRaft> for BttpNetworkFactory {
             shared: self.shared.clone(),
             target,
             node: node.clone(),
+            pending: None,
         }
     }
 }
@@ -524,6 +545,85 @@ impl BttpConnection {
         )
         .await
         .map_err(|error| TransportError(error.to_string()))
+    }
+}
+
+impl BttpConnection {
+    /// Waits for the append openraft gave up on, if any, and answers `rpc`
+    /// with it when `rpc` repeats it: same vote and `prev` (the leader's log
+    /// after `prev` is then the same, so one's entries begin the other's),
+    /// and sent at most `within` ago. A success answers with what the
+    /// follower took (all of `rpc`, or a partial success up to the first
+    /// append's last entry); a conflict or a higher vote answers as it
+    /// answered the first.
+    ///
+    /// openraft counts an answer as the follower's acknowledgement at the
+    /// time `rpc` was sent, later than the first append's: `within` (three
+    /// heartbeats, the shortest election timeout) keeps that inside the time
+    /// the follower refuses to vote for anyone else after hearing from this
+    /// leader.
+    async fn reuse_pending(
+        &mut self,
+        rpc: &AppendEntriesRequest<SectorRaft>,
+        within: Duration,
+    ) -> Option<AppendEntriesResponse<NodeId>> {
+        let pending = self.pending.as_mut()?;
+        // Polled in place: if openraft gives up on this call too, the
+        // answer stays pending for the next.
+        let answer = (&mut pending.answer).await;
+        let pending = self.pending.take()?;
+        let Ok(Ok(RaftReply::AppendEntries(response))) = answer else {
+            return None;
+        };
+        if pending.vote != rpc.vote
+            || pending.prev != rpc.prev_log_id
+            || pending.sent.elapsed() > within
+        {
+            return None;
+        }
+        let last = rpc.entries.last().map(|entry| entry.log_id);
+        match response {
+            AppendEntriesResponse::Success if last > pending.last => {
+                Some(AppendEntriesResponse::PartialSuccess(pending.last))
+            }
+            response => Some(response),
+        }
+    }
+
+    /// Sends an append as a task of its own, which outlives this call if
+    /// openraft stops waiting (see [`PendingAppend`]).
+    async fn append_continuing(
+        &mut self,
+        rpc: AppendEntriesRequest<SectorRaft>,
+    ) -> Result<RaftReply, TransportError> {
+        let Some(shared) = self.shared.clone() else {
+            return Err(TransportError("this member runs without a network".into()));
+        };
+        let (target, node) = (self.target, self.node.clone());
+        let (vote, prev) = (rpc.vote, rpc.prev_log_id);
+        let last = rpc.entries.last().map(|entry| entry.log_id);
+        let answer = tokio::spawn(async move {
+            call_member(
+                &shared.runtime,
+                &shared.directory,
+                target,
+                &node,
+                RaftMessage::AppendEntries(rpc),
+                APPEND_TIMEOUT,
+            )
+            .await
+            .map_err(|error| TransportError(error.to_string()))
+        });
+        let pending = self.pending.insert(PendingAppend {
+            vote,
+            prev,
+            last,
+            sent: Instant::now(),
+            answer,
+        });
+        let answer = (&mut pending.answer).await;
+        self.pending = None;
+        answer.unwrap_or_else(|error| Err(TransportError(error.to_string())))
     }
 }
 
@@ -557,14 +657,16 @@ impl RaftNetwork<SectorRaft> for BttpConnection {
                 PayloadTooLarge::new_entries_hint(fitting.max(1) as u64),
             ));
         }
-        // openraft's TTL is the heartbeat interval: right for a heartbeat, too
-        // short for a batch of megabyte entries.
-        let timeout = if rpc.entries.is_empty() {
-            option.hard_ttl().max(HEARTBEAT_TIMEOUT)
+        let answer = if rpc.entries.is_empty() {
+            let timeout = option.hard_ttl().max(HEARTBEAT_TIMEOUT);
+            self.call(RaftMessage::AppendEntries(rpc), timeout).await
         } else {
-            option.hard_ttl().max(APPEND_TIMEOUT)
+            if let Some(response) = self.reuse_pending(&rpc, option.hard_ttl() * 3).await {
+                return Ok(response);
+            }
+            self.append_continuing(rpc).await
         };
-        match self.call(RaftMessage::AppendEntries(rpc), timeout).await {
+        match answer {
             Ok(RaftReply::AppendEntries(response)) => Ok(response),
             Ok(other) => Err(RPCError::Network(NetworkError::new(&unexpected(other)))),
             Err(error) => Err(RPCError::Unreachable(Unreachable::new(&error))),
@@ -932,10 +1034,15 @@ async fn handle(shared: &NetworkShared, peer: &Peer, message: RaftMessage) -> Ra
         return RaftReply::Refused("the member is starting".into());
     };
     match message {
-        RaftMessage::AppendEntries(request) => match raft.append_entries(request).await {
-            Ok(response) => RaftReply::AppendEntries(response),
-            Err(error) => RaftReply::Refused(error.to_string()),
-        },
+        RaftMessage::AppendEntries(request) => {
+            if !request.entries.is_empty() && !shared.append_delay.is_zero() {
+                tokio::time::sleep(shared.append_delay).await;
+            }
+            match raft.append_entries(request).await {
+                Ok(response) => RaftReply::AppendEntries(response),
+                Err(error) => RaftReply::Refused(error.to_string()),
+            }
+        }
         RaftMessage::Vote(_) if Instant::now() < shared.votes_from => {
             RaftReply::Refused("the member has just started and does not vote yet".into())
         }

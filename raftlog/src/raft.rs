@@ -137,6 +137,10 @@ pub struct RaftConfig {
     /// from its majority cannot commit. A linearizable read retries its
     /// read-index round as long before it fails the same way.
     pub write_timeout: Duration,
+    /// Fault injection for tests: this member waits this long before it
+    /// takes each append that carries entries, as behind a far link or a slow
+    /// disk. Zero (the default) in production.
+    pub append_delay: Duration,
 }
 
 impl RaftConfig {
@@ -153,6 +157,7 @@ impl RaftConfig {
             snapshot_every: 4096,
             log_bytes: 128 << 20,
             write_timeout: Duration::from_secs(30),
+            append_delay: Duration::ZERO,
         }
     }
 
@@ -461,6 +466,7 @@ impl RaftService {
                         &info.directory,
                         machine.clone(),
                         election_timeout_min,
+                        config.append_delay,
                     )?;
                     (Some(network), member)
                 }
@@ -2061,6 +2067,7 @@ fn start_network(
     directory: &BtPath,
     machine: Arc<MachineShared>,
     vote_guard: Duration,
+    append_delay: Duration,
 ) -> Result<(Arc<NetworkShared>, MemberNode), ServiceError> {
     let service = network::raft_service_path(directory, machine.node).ok_or_else(|| {
         ServiceError::Invalid(format!("{directory} cannot hold a raft service path"))
@@ -2091,6 +2098,7 @@ fn start_network(
         directory.clone(),
         machine,
         vote_guard,
+        append_delay,
     ));
     network::register_service(shared.clone()).map_err(raft_failure)?;
     let member = MemberNode {

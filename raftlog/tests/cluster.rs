@@ -270,6 +270,63 @@ fn a_new_member_catches_up_by_snapshot_while_writes_go_on() {
     assert_eq!(status.voters.len(), 2, "{status:?}");
 }
 
+/// openraft waits one heartbeat (50 ms) for an append's answer and then sends
+/// the entries again. A follower whose appends take longer (here 120 ms each,
+/// as behind a far link or a slow disk) must still catch up, join and take
+/// part in every commit: with two voters, no write commits without it.
+#[test]
+fn a_follower_slower_than_a_heartbeat_catches_up_and_commits() {
+    let domain = Domain::new();
+    let (writer, _) = domain.store(&["cluster"]);
+    let first = spec(&domain, "s1", &writer);
+    let mut leader = Member::start(&first, Start::Create { generation: 11 });
+    leader_of(&mut leader, Duration::from_secs(10));
+    let mut written: Vec<(u64, u64, u64)> = Vec::new();
+    for _ in 0..12 {
+        let reply = leader.ask("write 8 4 4096");
+        written.extend(inodes(&reply).into_iter().map(|inode| (inode, 4, 4096)));
+    }
+    let mut slow = spec(&domain, "s2", &writer);
+    slow.extra = vec!["--append-delay-ms".into(), "120".into()];
+    // Spawned here: a member dies with the thread that started it.
+    let mut joining = Member::spawn(
+        &slow,
+        Start::Join {
+            addr: first.addr,
+            path: first.path.clone(),
+        },
+    );
+    let join = std::thread::spawn(move || {
+        joining.wait_ready();
+        joining
+    });
+    let started = Instant::now();
+    while !join.is_finished() {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the slow follower did not join"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let joined = join.join().unwrap();
+    eprintln!("joined in {:?}", started.elapsed());
+    let mut members = vec![leader, joined];
+    for _ in 0..6 {
+        let reply = members[0].ask("write 2 4 4096");
+        assert!(reply.starts_with("ok"), "{reply}");
+        written.extend(inodes(&reply).into_iter().map(|inode| (inode, 4, 4096)));
+    }
+    let digests = converged_digests(&mut members, Duration::from_secs(30));
+    assert_eq!(digests[0], digests[1]);
+    assert_eq!(digests[0].1, written.len() as u64);
+    for (inode, sectors, len) in &written {
+        assert_eq!(
+            members[1].ask(&format!("check {inode} {sectors} {len}")),
+            "ok"
+        );
+    }
+}
+
 /// The first 32 bytes of sector `index` of `inode` as `raft-node` writes it.
 fn sector_pattern(inode: u64, index: u64) -> Vec<u8> {
     blocktree_core::hash::HashAlgorithm::Sha256

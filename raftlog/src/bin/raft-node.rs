@@ -5,7 +5,7 @@
 //! ```text
 //! raft-node --data DIR --store MEMBER_STORE [--writer WRITER_STORE]
 //!           [--listen ADDR] [--follower-reads] [--snapshot-every ENTRIES]
-//!           [--write-timeout-ms MILLIS] [--linearizable]
+//!           [--write-timeout-ms MILLIS] [--append-delay-ms MILLIS] [--linearizable]
 //!           (--create DIRECTORY_PATH GENERATION | --join PEER_ADDR PEER_PATH
 //!            | --join-address PEER_ADDR | --open)
 //! ```
@@ -60,6 +60,7 @@ struct Args {
     follower_reads: bool,
     snapshot_every: Option<u64>,
     write_timeout_ms: Option<u64>,
+    append_delay_ms: u64,
     mode: Mode,
 }
 
@@ -72,6 +73,7 @@ fn parse_args() -> Result<Args> {
     let mut follower_reads = false;
     let mut snapshot_every = None;
     let mut write_timeout_ms = None;
+    let mut append_delay_ms = 0;
     let mut mode = None;
     let value = |args: &mut dyn Iterator<Item = String>, what: &str| {
         args.next().ok_or_else(|| anyhow!("{what} needs a value"))
@@ -85,6 +87,9 @@ fn parse_args() -> Result<Args> {
             "--follower-reads" => follower_reads = true,
             "--write-timeout-ms" => {
                 write_timeout_ms = Some(value(&mut args, "--write-timeout-ms")?.parse()?)
+            }
+            "--append-delay-ms" => {
+                append_delay_ms = value(&mut args, "--append-delay-ms")?.parse()?
             }
             "--snapshot-every" => {
                 snapshot_every = Some(value(&mut args, "--snapshot-every")?.parse()?)
@@ -116,6 +121,7 @@ fn parse_args() -> Result<Args> {
         follower_reads,
         snapshot_every,
         write_timeout_ms,
+        append_delay_ms,
         mode: mode.unwrap_or(Mode::Open),
     })
 }
@@ -396,6 +402,7 @@ fn main() -> Result<()> {
     if let Some(millis) = args.write_timeout_ms {
         config.write_timeout = std::time::Duration::from_millis(millis);
     }
+    config.append_delay = std::time::Duration::from_millis(args.append_delay_ms);
     if args.follower_reads {
         config.read_mode = ReadMode::Follower;
     }
