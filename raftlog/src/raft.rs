@@ -483,7 +483,12 @@ impl RaftService {
             let raft = Raft::new(node, raft_config, factory, log_store, state_machine)
                 .await
                 .map_err(raft_failure)?;
-            tokio::spawn(bound_log(raft.clone(), bounded_log, config.log_bytes));
+            tokio::spawn(bound_log(
+                raft.clone(),
+                bounded_log,
+                machine.clone(),
+                config.log_bytes,
+            ));
             if let Some(network) = &network {
                 let _ = network.raft.set(raft.clone());
                 for (id, member) in raft.metrics().borrow().membership_config.nodes() {
@@ -2473,14 +2478,19 @@ impl SectorService for RaftService {
 /// asks openraft for a snapshot (a flush of the state machine's engine: the
 /// engine *is* the snapshot) and then to purge all but the newest quarter.
 /// Ends with the runtime.
-async fn bound_log(raft: Raft, log: EngineLogStore, high: u64) {
+async fn bound_log(raft: Raft, log: EngineLogStore, machine: Arc<MachineShared>, high: u64) {
     let keep = high / 4;
     let mut held = log.held_bytes();
     loop {
         if held.changed().await.is_err() {
             return;
         }
-        if *held.borrow_and_update() <= high {
+        let over = *held.borrow_and_update() > high;
+        // Snapshots being sent keep the log after them only within budget.
+        machine
+            .log_over_budget
+            .store(over, std::sync::atomic::Ordering::Release);
+        if !over {
             continue;
         }
         let Some(upto) = log.purge_index_keeping(keep) else {

@@ -27,7 +27,7 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The inode under which the applied state is kept in the sector engine
@@ -122,6 +122,11 @@ pub(crate) struct MachineShared {
     /// Log ids of snapshots being sent now: the log after them must stay
     /// until they are installed, or the receiver would need another snapshot.
     pub(crate) sending: Mutex<Vec<LogId>>,
+    /// Set while the log holds more than its byte budget
+    /// ([`crate::RaftConfig::log_bytes`]): snapshots then ignore `sending`,
+    /// so a receiver that cannot keep up costs another snapshot, not an
+    /// unbounded log.
+    pub(crate) log_over_budget: AtomicBool,
     /// The highest log index known committed (kept by the log store).
     pub(crate) committed: Mutex<Option<u64>>,
 }
@@ -154,6 +159,7 @@ impl MachineShared {
             applied: Mutex::new(applied),
             committed: Mutex::new(None),
             sending: Mutex::new(Vec::new()),
+            log_over_budget: AtomicBool::new(false),
             apply_gate: tokio::sync::Mutex::new(()),
         }
     }
@@ -276,11 +282,13 @@ impl RaftSnapshotBuilder<SectorRaft> for SectorStateMachine {
     /// applied durable, so the log before it can be purged. While a snapshot
     /// is being sent, a new one claims no later log id than it (openraft then
     /// keeps the older one), so the entries its receiver needs next are not
-    /// purged under it.
+    /// purged under it — unless the log has outgrown its byte budget.
     async fn build_snapshot(&mut self) -> Result<Snapshot<SectorRaft>, StorageError> {
         let mut meta = self.shared.snapshot_meta();
+        let over_budget = self.shared.log_over_budget.load(Ordering::Acquire);
         if let Some(oldest) = lock(&self.shared.sending).iter().min().copied()
             && meta.last_log_id > Some(oldest)
+            && !over_budget
         {
             meta.last_log_id = Some(oldest);
         }

@@ -327,6 +327,65 @@ fn a_follower_slower_than_a_heartbeat_catches_up_and_commits() {
     }
 }
 
+/// The log after a sent snapshot is kept for its receiver, but not past the
+/// log's byte budget: a receiver whose appends never succeed in time (here
+/// 200 ms each) while writes go on (committed by the two others) costs another
+/// snapshot, not a log that grows for as long as the snapshot's pin lasts
+/// (60 s).
+#[test]
+fn a_receiver_that_cannot_keep_up_does_not_hold_the_log_past_its_budget() {
+    const BUDGET: u64 = 8 << 20;
+    let domain = Domain::new();
+    let (writer, _) = domain.store(&["cluster"]);
+    let mut first = spec(&domain, "s1", &writer);
+    first.extra = vec![
+        "--snapshot-every".into(),
+        "16".into(),
+        "--log-bytes".into(),
+        BUDGET.to_string(),
+    ];
+    let mut leader = Member::start(&first, Start::Create { generation: 11 });
+    leader_of(&mut leader, Duration::from_secs(10));
+    // Two members that keep up: writes commit without the slow third.
+    let mut second = spec(&domain, "s2", &writer);
+    second.extra = first.extra.clone();
+    let _second = Member::start(
+        &second,
+        Start::Join {
+            addr: first.addr,
+            path: first.path.clone(),
+        },
+    );
+    for _ in 0..32 {
+        assert!(leader.ask("write 8 4 4096").starts_with("ok"));
+    }
+    let mut slow = spec(&domain, "s3", &writer);
+    slow.extra = vec!["--append-delay-ms".into(), "200".into()];
+    // Spawned here: a member dies with the thread that started it. It never
+    // finishes joining: its appends always come too late.
+    let _slow = Member::spawn(
+        &slow,
+        Start::Join {
+            addr: first.addr,
+            path: first.path.clone(),
+        },
+    );
+    let started = Instant::now();
+    let mut most = 0;
+    while started.elapsed() < Duration::from_secs(8) {
+        let reply = leader.ask("write 1 16 65536");
+        assert!(reply.starts_with("ok"), "{reply}");
+        let held = leader.ask("log-bytes");
+        let held: u64 = held.trim_start_matches("log-bytes ").parse().unwrap();
+        most = most.max(held);
+    }
+    eprintln!("the log held at most {most} bytes (budget {BUDGET})");
+    assert!(
+        most <= 3 * BUDGET,
+        "the log held {most} bytes, past 3× its budget of {BUDGET}"
+    );
+}
+
 /// The first 32 bytes of sector `index` of `inode` as `raft-node` writes it.
 fn sector_pattern(inode: u64, index: u64) -> Vec<u8> {
     blocktree_core::hash::HashAlgorithm::Sha256

@@ -5,7 +5,8 @@
 //! ```text
 //! raft-node --data DIR --store MEMBER_STORE [--writer WRITER_STORE]
 //!           [--listen ADDR] [--follower-reads] [--snapshot-every ENTRIES]
-//!           [--write-timeout-ms MILLIS] [--append-delay-ms MILLIS] [--linearizable]
+//!           [--write-timeout-ms MILLIS] [--append-delay-ms MILLIS]
+//!           [--log-bytes BYTES] [--linearizable]
 //!           (--create DIRECTORY_PATH GENERATION | --join PEER_ADDR PEER_PATH
 //!            | --join-address PEER_ADDR | --open)
 //! ```
@@ -26,6 +27,7 @@
 //!   `bench <writes> <bytes> <seconds>`: each thread overwrites sectors of a
 //!   file of its own, one signed batch per sector (raftlog/benches/raft.sh).
 //! - `snapshots` → `snapshots <n>`: snapshots received since start.
+//! - `log-bytes` → `log-bytes <n>`: bytes of entries the log holds.
 //! - `leave` → `ok` or `err <reason>`.
 //!
 //! The process exits when its standard input closes.
@@ -61,6 +63,7 @@ struct Args {
     snapshot_every: Option<u64>,
     write_timeout_ms: Option<u64>,
     append_delay_ms: u64,
+    log_bytes: Option<u64>,
     mode: Mode,
 }
 
@@ -74,6 +77,7 @@ fn parse_args() -> Result<Args> {
     let mut snapshot_every = None;
     let mut write_timeout_ms = None;
     let mut append_delay_ms = 0;
+    let mut log_bytes = None;
     let mut mode = None;
     let value = |args: &mut dyn Iterator<Item = String>, what: &str| {
         args.next().ok_or_else(|| anyhow!("{what} needs a value"))
@@ -91,6 +95,7 @@ fn parse_args() -> Result<Args> {
             "--append-delay-ms" => {
                 append_delay_ms = value(&mut args, "--append-delay-ms")?.parse()?
             }
+            "--log-bytes" => log_bytes = Some(value(&mut args, "--log-bytes")?.parse()?),
             "--snapshot-every" => {
                 snapshot_every = Some(value(&mut args, "--snapshot-every")?.parse()?)
             }
@@ -122,6 +127,7 @@ fn parse_args() -> Result<Args> {
         snapshot_every,
         write_timeout_ms,
         append_delay_ms,
+        log_bytes,
         mode: mode.unwrap_or(Mode::Open),
     })
 }
@@ -363,6 +369,7 @@ fn answer(service: &RaftService, writer: Option<&dyn CredStore>, line: &str) -> 
             Ok(format!("bench {writes} {bytes} {elapsed:.3}"))
         }
         ["snapshots"] => Ok(format!("snapshots {}", service.snapshots_installed())),
+        ["log-bytes"] => Ok(format!("log-bytes {}", service.log_bytes())),
         ["leave"] => {
             service.leave()?;
             Ok("ok".into())
@@ -403,6 +410,9 @@ fn main() -> Result<()> {
         config.write_timeout = std::time::Duration::from_millis(millis);
     }
     config.append_delay = std::time::Duration::from_millis(args.append_delay_ms);
+    if let Some(bytes) = args.log_bytes {
+        config.log_bytes = bytes;
+    }
     if args.follower_reads {
         config.read_mode = ReadMode::Follower;
     }
