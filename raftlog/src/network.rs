@@ -894,9 +894,7 @@ impl SendingPin {
         lock(&machine.sending).push(log_id);
         SendingPin { machine, log_id }
     }
-}
 
-impl SendingPin {
     /// Moves the pin forward to `log_id`: the receiver holds the entries
     /// up to it, so only those after it need to stay.
     fn advance(&mut self, log_id: crate::types::LogId) {
