@@ -6,7 +6,7 @@ mod common;
 
 use blocktree_core::sector::{SectorId, SectorKind};
 use blocktree_engine::{Engine, EngineConfig, WriteBatch};
-use common::{Domain, Member, Start, inodes, spec};
+use common::{Domain, Member, MemberSpec, Start, inodes, spec};
 use std::time::{Duration, Instant};
 
 /// Waits until `member` names a leader; returns it.
@@ -212,31 +212,79 @@ fn three_members_survive_twenty_leader_kills() {
     );
 }
 
+/// Starts member `s1` of a new cluster with `extra` arguments and waits
+/// until it leads.
+fn start_leader(domain: &Domain, writer: &std::path::Path, extra: &[&str]) -> (MemberSpec, Member) {
+    let mut first = spec(domain, "s1", writer);
+    first.extra = extra.iter().map(|arg| arg.to_string()).collect();
+    let mut leader = Member::start(&first, Start::Create { generation: 11 });
+    leader_of(&mut leader, Duration::from_secs(10));
+    (first, leader)
+}
+
+/// Asks `member` for `rounds` writes of `files` files of `sectors` sectors of
+/// `len` bytes; returns what each wrote, as `check` takes it.
+fn write_rounds(
+    member: &mut Member,
+    rounds: usize,
+    files: u64,
+    sectors: u64,
+    len: u64,
+) -> Vec<(u64, u64, u64)> {
+    let mut written = Vec::new();
+    for _ in 0..rounds {
+        let reply = member.ask(&format!("write {files} {sectors} {len}"));
+        assert!(reply.starts_with("ok"), "{reply}");
+        written.extend(
+            inodes(&reply)
+                .into_iter()
+                .map(|inode| (inode, sectors, len)),
+        );
+    }
+    written
+}
+
+/// Starts `joiner` joining `first`'s cluster; the handle ends with it once it
+/// is ready. It is spawned on the caller's thread: a member dies with the
+/// thread that started it.
+fn join_in_background(joiner: &MemberSpec, first: &MemberSpec) -> std::thread::JoinHandle<Member> {
+    let mut joining = Member::spawn(
+        joiner,
+        Start::Join {
+            addr: first.addr,
+            path: first.path.clone(),
+        },
+    );
+    std::thread::spawn(move || {
+        joining.wait_ready();
+        joining
+    })
+}
+
+/// Waits until both members' digests agree and cover `written`, and checks
+/// every write on the second.
+fn check_converged(members: &mut [Member], written: &[(u64, u64, u64)]) {
+    let digests = converged_digests(members, Duration::from_secs(30));
+    assert_eq!(digests[0], digests[1]);
+    assert_eq!(digests[0].1, written.len() as u64);
+    for (inode, sectors, len) in written {
+        assert_eq!(
+            members[1].ask(&format!("check {inode} {sectors} {len}")),
+            "ok"
+        );
+    }
+}
+
 #[test]
 fn a_new_member_catches_up_by_snapshot_while_writes_go_on() {
     // The size: 1 GiB (128 rounds of 8 files of 1 MiB).
     let domain = Domain::new();
     let (writer, _) = domain.store(&["cluster"]);
-    let mut first = spec(&domain, "s1", &writer);
-    first.extra = vec!["--snapshot-every".into(), "16".into()];
-    let mut leader = Member::start(&first, Start::Create { generation: 11 });
-    leader_of(&mut leader, Duration::from_secs(10));
-    let mut written: Vec<(u64, u64, u64)> = Vec::new();
-    for _ in 0..128 {
-        let reply = leader.ask("write 8 16 65536");
-        written.extend(inodes(&reply).into_iter().map(|inode| (inode, 16, 65536)));
-    }
+    let (first, mut leader) = start_leader(&domain, &writer, &["--snapshot-every", "16"]);
+    let mut written = write_rounds(&mut leader, 128, 8, 16, 65536);
     let mut joiner = spec(&domain, "s2", &writer);
     joiner.extra = first.extra.clone();
-    let join = {
-        let joiner = joiner.clone();
-        let (addr, path) = (first.addr, first.path.clone());
-        let mut joining = Member::spawn(&joiner, Start::Join { addr, path });
-        std::thread::spawn(move || {
-            joining.wait_ready();
-            joining
-        })
-    };
+    let join = join_in_background(&joiner, &first);
     let started = Instant::now();
     // Writes go on while the new member receives the snapshot.
     while !join.is_finished() {
@@ -253,19 +301,10 @@ fn a_new_member_catches_up_by_snapshot_while_writes_go_on() {
     }
     let mut joined = join.join().unwrap();
     eprintln!("joined in {:?}", started.elapsed());
-    let reply = leader.ask("write 2 4 4096");
-    written.extend(inodes(&reply).into_iter().map(|inode| (inode, 4, 4096)));
+    written.extend(write_rounds(&mut leader, 1, 2, 4, 4096));
     assert_eq!(joined.ask("snapshots"), "snapshots 1");
     let mut members = vec![leader, joined];
-    let digests = converged_digests(&mut members, Duration::from_secs(30));
-    assert_eq!(digests[0], digests[1]);
-    assert_eq!(digests[0].1, written.len() as u64);
-    for (inode, sectors, len) in &written {
-        assert_eq!(
-            members[1].ask(&format!("check {inode} {sectors} {len}")),
-            "ok"
-        );
-    }
+    check_converged(&mut members, &written);
     let status = members[1].status();
     assert_eq!(status.voters.len(), 2, "{status:?}");
 }
@@ -278,28 +317,11 @@ fn a_new_member_catches_up_by_snapshot_while_writes_go_on() {
 fn a_follower_slower_than_a_heartbeat_catches_up_and_commits() {
     let domain = Domain::new();
     let (writer, _) = domain.store(&["cluster"]);
-    let first = spec(&domain, "s1", &writer);
-    let mut leader = Member::start(&first, Start::Create { generation: 11 });
-    leader_of(&mut leader, Duration::from_secs(10));
-    let mut written: Vec<(u64, u64, u64)> = Vec::new();
-    for _ in 0..12 {
-        let reply = leader.ask("write 8 4 4096");
-        written.extend(inodes(&reply).into_iter().map(|inode| (inode, 4, 4096)));
-    }
+    let (first, mut leader) = start_leader(&domain, &writer, &[]);
+    let mut written = write_rounds(&mut leader, 12, 8, 4, 4096);
     let mut slow = spec(&domain, "s2", &writer);
     slow.extra = vec!["--append-delay-ms".into(), "120".into()];
-    // Spawned here: a member dies with the thread that started it.
-    let mut joining = Member::spawn(
-        &slow,
-        Start::Join {
-            addr: first.addr,
-            path: first.path.clone(),
-        },
-    );
-    let join = std::thread::spawn(move || {
-        joining.wait_ready();
-        joining
-    });
+    let join = join_in_background(&slow, &first);
     let started = Instant::now();
     while !join.is_finished() {
         assert!(
@@ -310,21 +332,8 @@ fn a_follower_slower_than_a_heartbeat_catches_up_and_commits() {
     }
     let joined = join.join().unwrap();
     eprintln!("joined in {:?}", started.elapsed());
-    let mut members = vec![leader, joined];
-    for _ in 0..6 {
-        let reply = members[0].ask("write 2 4 4096");
-        assert!(reply.starts_with("ok"), "{reply}");
-        written.extend(inodes(&reply).into_iter().map(|inode| (inode, 4, 4096)));
-    }
-    let digests = converged_digests(&mut members, Duration::from_secs(30));
-    assert_eq!(digests[0], digests[1]);
-    assert_eq!(digests[0].1, written.len() as u64);
-    for (inode, sectors, len) in &written {
-        assert_eq!(
-            members[1].ask(&format!("check {inode} {sectors} {len}")),
-            "ok"
-        );
-    }
+    written.extend(write_rounds(&mut leader, 6, 2, 4, 4096));
+    check_converged(&mut [leader, joined], &written);
 }
 
 /// The log after a sent snapshot is kept for its receiver, but not past the
@@ -335,34 +344,23 @@ fn a_follower_slower_than_a_heartbeat_catches_up_and_commits() {
 #[test]
 fn a_receiver_that_cannot_keep_up_does_not_hold_the_log_past_its_budget() {
     const BUDGET: u64 = 8 << 20;
+    let budget = BUDGET.to_string();
     let domain = Domain::new();
     let (writer, _) = domain.store(&["cluster"]);
-    let mut first = spec(&domain, "s1", &writer);
-    first.extra = vec![
-        "--snapshot-every".into(),
-        "16".into(),
-        "--log-bytes".into(),
-        BUDGET.to_string(),
-    ];
-    let mut leader = Member::start(&first, Start::Create { generation: 11 });
-    leader_of(&mut leader, Duration::from_secs(10));
+    let (first, mut leader) = start_leader(
+        &domain,
+        &writer,
+        &["--snapshot-every", "16", "--log-bytes", &budget],
+    );
     // Two members that keep up: writes commit without the slow third.
     let mut second = spec(&domain, "s2", &writer);
     second.extra = first.extra.clone();
-    let _second = Member::start(
-        &second,
-        Start::Join {
-            addr: first.addr,
-            path: first.path.clone(),
-        },
-    );
-    for _ in 0..32 {
-        assert!(leader.ask("write 8 4 4096").starts_with("ok"));
-    }
+    let _second = join_in_background(&second, &first).join().unwrap();
+    write_rounds(&mut leader, 32, 8, 4, 4096);
     let mut slow = spec(&domain, "s3", &writer);
     slow.extra = vec!["--append-delay-ms".into(), "200".into()];
-    // Spawned here: a member dies with the thread that started it. It never
-    // finishes joining: its appends always come too late.
+    // It never finishes joining: its appends always come too late. Not
+    // waited for, so it lives as long as this thread.
     let _slow = Member::spawn(
         &slow,
         Start::Join {
@@ -373,8 +371,7 @@ fn a_receiver_that_cannot_keep_up_does_not_hold_the_log_past_its_budget() {
     let started = Instant::now();
     let mut most = 0;
     while started.elapsed() < Duration::from_secs(8) {
-        let reply = leader.ask("write 1 16 65536");
-        assert!(reply.starts_with("ok"), "{reply}");
+        write_rounds(&mut leader, 1, 1, 16, 65536);
         let held = leader.ask("log-bytes");
         let held: u64 = held.trim_start_matches("log-bytes ").parse().unwrap();
         most = most.max(held);
