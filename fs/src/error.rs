@@ -88,8 +88,22 @@ impl FsError {
     /// A verification failure of `id`: EIO, and logged, since it means tampering
     /// or corruption under the store.
     pub(crate) fn tampered(id: SectorId, why: impl std::fmt::Display) -> FsError {
-        tracing::error!(?id, "sector failed verification: {why}");
+        FsError::unverified(id, why).logged()
+    }
+
+    /// [`tampered`](Self::tampered), not logged yet: a record fetched without
+    /// the file's lock may fail only because a commit replaced it meanwhile,
+    /// so its reader logs the failure once it knows it is not that.
+    pub(crate) fn unverified(id: SectorId, why: impl std::fmt::Display) -> FsError {
         FsError::Io(format!("sector {id:?} failed verification: {why}"))
+    }
+
+    /// Logs an I/O error (a verification failure) and returns it.
+    pub(crate) fn logged(self) -> FsError {
+        if let FsError::Io(message) = &self {
+            tracing::error!("{message}");
+        }
+        self
     }
 }
 

@@ -1647,12 +1647,12 @@ impl FileSystem {
         let mut deadline = None;
         loop {
             let plan = lock(&node_ref).plan_read(&self.ctx, offset, u64::from(size))?;
-            let fetched = match plan.sectors.fetch(&self.ctx) {
+            let fetched = match plan.sectors.fetch_unlogged(&self.ctx) {
                 Err(FsError::Access(_)) if self.ancestors_created(&node_ref) => {
                     // The store cannot check the readcap chain through directories
                     // it has not seen yet: commit them, then read.
                     self.commit_pending()?;
-                    plan.sectors.fetch(&self.ctx)
+                    plan.sectors.fetch_unlogged(&self.ctx)
                 }
                 other => other,
             };
@@ -1681,7 +1681,7 @@ impl FileSystem {
                     backoff = (backoff * 2).min(FOREIGN_READ_PATIENCE / 10);
                     self.catch_up_foreign();
                 }
-                Err(error) => return Err(error),
+                Err(error) => return Err(error.logged()),
             }
         }
     }

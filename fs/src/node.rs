@@ -1152,6 +1152,12 @@ impl SectorFetch {
     /// Fetches the missing records, checks each against its leaf and decrypts it,
     /// on every core for large reads. A record that fails is EIO, never data.
     pub fn fetch(&self, ctx: &Ctx) -> FsResult<Vec<Vec<u8>>> {
+        self.fetch_unlogged(ctx).map_err(FsError::logged)
+    }
+
+    /// [`fetch`](Self::fetch), without logging a record that failed its
+    /// check: for a reader that first rules out a concurrent commit.
+    pub fn fetch_unlogged(&self, ctx: &Ctx) -> FsResult<Vec<Vec<u8>>> {
         SectorFetch::fetch_many(&[self], ctx)?
             .pop()
             .unwrap_or_else(|| Ok(Vec::new()))
@@ -1228,7 +1234,7 @@ impl SectorFetch {
             sector: SectorKind::Data(index),
         };
         if hashed != leaf {
-            return Err(FsError::tampered(
+            return Err(FsError::unverified(
                 id,
                 "its hash is not the signed Merkle leaf",
             ));
@@ -1239,11 +1245,11 @@ impl SectorFetch {
         let plaintext = match &self.opener {
             Some(opener) => opener
                 .open_to_vec(&id, record)
-                .map_err(|error| FsError::tampered(id, error))?,
+                .map_err(|error| FsError::unverified(id, error))?,
             None => record.to_vec(),
         };
         if plaintext.len() != self.sector_size {
-            return Err(FsError::tampered(id, "wrong length"));
+            return Err(FsError::unverified(id, "wrong length"));
         }
         Ok(plaintext)
     }
