@@ -98,7 +98,8 @@ impl FsError {
         FsError::Io(format!("sector {id:?} failed verification: {why}"))
     }
 
-    /// Logs an I/O error (a verification failure) and returns it.
+    /// Logs the error if it is an I/O error (a failed verification or store
+    /// read) and returns it.
     pub(crate) fn logged(self) -> FsError {
         if let FsError::Io(message) = &self {
             tracing::error!("{message}");

@@ -616,10 +616,10 @@ impl NodeState {
         sectors
     }
 
-    /// Hands the sectors of `plan` to `each` in order, and moves the fetched
-    /// ones into the cache afterwards (a copy per sector was a third of a
-    /// large read's time under the node's lock), unless the file changed
-    /// since the plan was made.
+    /// Hands the sectors of `plan` to `each` in order, and moves each fetched
+    /// one into the cache after it (cloning it cost an allocation and a copy
+    /// per sector under the node's lock), unless the file changed since the
+    /// plan was made.
     fn visit_sectors(
         &mut self,
         plan: SectorFetch,
