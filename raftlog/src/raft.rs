@@ -331,7 +331,8 @@ impl RaftService {
     /// member at `peer_path`/`peer_addr` belongs to: learns the generation
     /// from it, starts, asks the leader to add it as a learner (it then
     /// receives the generation by snapshot and the log after it) and, once it
-    /// has caught up, as a voter. Returns once it is a voter.
+    /// has caught up, as a voter. Returns once it is a voter and has applied
+    /// the entry that made it one.
     ///
     /// `config.credentials` must hold a writecap whose path lies in the
     /// cluster's directory: that is what makes the cluster accept it.
@@ -392,7 +393,8 @@ impl RaftService {
         let joined = write_info(&dir, &info)
             .and_then(|()| write_node(&dir, node_id_of(&credentials.principal())))
             .and_then(|()| RaftService::start(config, false))
-            .and_then(|service| service.member.request_join(status).map(|()| service));
+            .and_then(|service| service.member.request_join(status).map(|()| service))
+            .and_then(|service| service.member.await_joined_applied().map(|()| service));
         if joined.is_err() {
             // Leave the directory as it was, so that the join can be retried.
             for name in [INFO_FILE, NODE_FILE, MEMBER_FILE] {
@@ -1119,6 +1121,39 @@ impl Member {
             }
         }
         Err(ServiceError::NotLeader { leader: None })
+    }
+
+    /// Waits (up to the write timeout) until this member, just joined, has
+    /// applied the membership entry that made it a voter: everything
+    /// committed before it joined is then in its own store, which follower
+    /// reads serve at once (a joining server opening its file system found
+    /// the root's readcaps missing now and then).
+    fn await_joined_applied(&self) -> Result<(), ServiceError> {
+        let deadline = Instant::now() + self.write_timeout;
+        loop {
+            let joined_at = {
+                let metrics = self.raft.metrics();
+                let metrics = metrics.borrow();
+                let membership = &metrics.membership_config;
+                membership
+                    .membership()
+                    .voter_ids()
+                    .any(|id| id == self.node_id())
+                    .then(|| membership.log_id().map(|id| id.index))
+                    .flatten()
+            };
+            let applied = self.machine.applied().last_applied.map(|id| id.index);
+            if joined_at.is_some() && applied >= joined_at {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(ServiceError::Replication(format!(
+                    "joined, but did not apply the cluster's entries within {:?}",
+                    self.write_timeout
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Waits (up to [`LEADER_READY_WAIT`]) until this member leads and has
