@@ -99,22 +99,24 @@ const WRITTEN_ENCODING_BYTES: usize = 16;
 /// copied a batch of random writes several times over and faulted in fresh
 /// pages each time.
 fn encoded_size_hint(entry: &Entry) -> usize {
-    match &entry.payload {
-        openraft::EntryPayload::Normal(crate::types::RaftRequest::Write { batch, .. }) => {
-            let ops: usize = batch
-                .ops
-                .iter()
-                .map(|op| op.data.as_ref().map_or(0, |data| data.len()) + OP_ENCODING_BYTES)
-                .sum();
-            let written: usize = batch
-                .written
-                .iter()
-                .map(|(_, sectors)| (sectors.len() + 1) * WRITTEN_ENCODING_BYTES)
-                .sum();
-            ops + written + 256
-        }
-        _ => 256,
-    }
+    let batch = match &entry.payload {
+        openraft::EntryPayload::Normal(request) => request.staged(),
+        _ => None,
+    };
+    let Some(batch) = batch else {
+        return 256;
+    };
+    let ops: usize = batch
+        .ops
+        .iter()
+        .map(|op| op.data.as_ref().map_or(0, |data| data.len()) + OP_ENCODING_BYTES)
+        .sum();
+    let written: usize = batch
+        .written
+        .iter()
+        .map(|(_, sectors)| (sectors.len() + 1) * WRITTEN_ENCODING_BYTES)
+        .sum();
+    ops + written + 256
 }
 
 /// Splits an encoding that follows [`COUNT_BYTES`] of room into records:

@@ -873,11 +873,13 @@ impl BttpConnection {
 /// About how many bytes `entry` takes on the wire.
 fn entry_bytes(entry: &crate::types::Entry) -> usize {
     match &entry.payload {
-        openraft::EntryPayload::Normal(crate::types::RaftRequest::Write { batch, .. }) => batch
-            .ops
-            .iter()
-            .map(|op| op.data.as_ref().map_or(0, |data| data.len()) + 32)
-            .sum(),
+        openraft::EntryPayload::Normal(request) => request.staged().map_or(64, |batch| {
+            batch
+                .ops
+                .iter()
+                .map(|op| op.data.as_ref().map_or(0, |data| data.len()) + 32)
+                .sum()
+        }),
         _ => 64,
     }
 }

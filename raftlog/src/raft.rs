@@ -1226,22 +1226,62 @@ impl Member {
         ServiceError::NotLeader { leader: described }
     }
 
-    /// Proposes an entry and waits until it is applied here; returns its log
-    /// index and what applying it answered.
+    /// Proposes `request` and returns once it is applied: its log index and
+    /// what applying it answered.
     fn propose(
         &self,
         request: impl FnOnce(crate::types::Origin) -> RaftRequest,
     ) -> Result<(u64, crate::types::RaftResponse), ServiceError> {
+        let proposal = self.submit(request)?;
+        self.await_applied(proposal)
+    }
+
+    /// Hands `request` to the Raft core, which fixes its place among this
+    /// member's proposals, and returns without waiting for it.
+    fn submit(
+        &self,
+        request: impl FnOnce(crate::types::Origin) -> RaftRequest,
+    ) -> Result<Proposal, ServiceError> {
         let origin = self.machine.propose();
+        match self.block_on(self.raft.client_write_ff(request(origin))) {
+            Ok(answer) => Ok(Proposal {
+                origin,
+                answer,
+                since: Instant::now(),
+            }),
+            Err(fatal) => {
+                self.machine.settled(origin);
+                Err(raft_failure(RaftError::<
+                    NodeId,
+                    ClientWriteError<NodeId, MemberNode>,
+                >::Fatal(fatal)))
+            }
+        }
+    }
+
+    /// Waits (at most the write timeout since it was submitted) until
+    /// `proposal` is applied.
+    fn await_applied(
+        &self,
+        proposal: Proposal,
+    ) -> Result<(u64, crate::types::RaftResponse), ServiceError> {
+        let Proposal {
+            origin,
+            answer,
+            since,
+        } = proposal;
         let timeout = self.write_timeout;
-        let result = self.block_on(async {
-            tokio::time::timeout(timeout, self.raft.client_write(request(origin))).await
-        });
+        let left = timeout.saturating_sub(since.elapsed());
+        let result = self.block_on(async { tokio::time::timeout(left, answer).await });
         self.machine.settled(origin);
         match result {
-            Ok(result) => result
-                .map(|response| (response.log_id.index, response.data))
-                .map_err(write_error),
+            Ok(Ok(Ok(response))) => Ok((response.log_id.index, response.data)),
+            Ok(Ok(Err(error))) => Err(write_error(RaftError::APIError(error))),
+            Ok(Err(_)) => Err(ServiceError::Replication(
+                "the Raft core stopped before the write was applied; it may still be applied \
+                 later"
+                    .into(),
+            )),
             Err(_) => Err(ServiceError::Replication(format!(
                 "not committed within {timeout:?} (the leader may be cut off from its \
                  majority); the write may still be applied later"
@@ -1571,7 +1611,7 @@ impl Member {
                         .map(|file| file.meta.body().ids.inode)
                         .chain(batch.removes.iter().map(|meta| meta.body().ids.inode))
                         .collect();
-                    let written = self.write_here(batch);
+                    let written = self.write_here(batch, &mut || {});
                     if written.is_ok() {
                         for inode in inodes {
                             self.store.announce_foreign(inode);
@@ -1614,23 +1654,64 @@ impl Member {
     }
 
     /// Writes `batch` on this member as leader; returns its entry's index.
-    fn write_here(&self, batch: SectorBatch) -> Result<u64, ServiceError> {
-        self.ensure_leader_ready()?;
-        self.store.write_with(batch, |staged| {
-            self.propose(|origin| RaftRequest::Write {
-                origin,
-                batch: staged,
-            })
-            .map(|(index, _)| index)
-        })
+    /// `queued` is called once its place in the log is fixed: a batch of the
+    /// same files written after that is applied after it (or not at all).
+    fn write_here(
+        &self,
+        batch: SectorBatch,
+        queued: &mut dyn FnMut(),
+    ) -> Result<u64, ServiceError> {
+        if let Err(error) = self.ensure_leader_ready() {
+            queued();
+            return Err(error);
+        }
+        let term = self.raft.metrics().borrow().current_term;
+        self.store.write_pipelined(
+            batch,
+            term,
+            |staged, in_term| {
+                self.submit(|origin| match in_term {
+                    Some(term) => RaftRequest::WriteInTerm {
+                        origin,
+                        term,
+                        batch: staged,
+                    },
+                    None => RaftRequest::Write {
+                        origin,
+                        batch: staged,
+                    },
+                })
+            },
+            queued,
+            |proposal| {
+                let (index, response) = self.await_applied(proposal)?;
+                if response.refused {
+                    return Err(ServiceError::Replication(
+                        "the batch was staged on batches not yet applied, and its entry is \
+                         of a later term than theirs, which may have been lost: it was not \
+                         applied"
+                            .into(),
+                    ));
+                }
+                Ok(index)
+            },
+        )
     }
 
     /// See [`RaftService`]'s `write`.
-    fn write(&self, batch: SectorBatch) -> Result<(), ServiceError> {
+    fn write(&self, batch: SectorBatch, queued: &mut dyn FnMut()) -> Result<(), ServiceError> {
         let leader = self.raft.metrics().borrow().current_leader;
         if self.network.is_none() || leader == Some(self.node_id()) {
-            return self.write_here(batch).map(|_| ());
+            return self.write_here(batch, queued).map(|_| ());
         }
+        // A forwarded batch is ordered once the leader answered.
+        let result = self.forward_write(batch);
+        queued();
+        result
+    }
+
+    /// Forwards `batch` to the leader and returns once this member applied it.
+    fn forward_write(&self, batch: SectorBatch) -> Result<(), ServiceError> {
         let encoded = crate::forward::encode_batch(&batch);
         if encoded.len() > crate::forward::MAX_FORWARDED_BATCH {
             return Err(ServiceError::Invalid(format!(
@@ -1651,7 +1732,7 @@ impl Member {
         let mut unknown = 0;
         loop {
             match self.forward_outcome(&message, timeout, false) {
-                Ok(Forwarded::Local) => return self.write_here(batch).map(|_| ()),
+                Ok(Forwarded::Local) => return self.write_here(batch, &mut || {}).map(|_| ()),
                 Ok(Forwarded::Reply(reply)) => {
                     return match *reply {
                         RaftReply::Applied { index } => self.wait_applied(Some(index)),
@@ -2026,6 +2107,14 @@ fn undelivered(error: &blocktree_netstack::BttpError) -> bool {
         ),
         _ => false,
     }
+}
+
+/// A request handed to the Raft core and not yet applied.
+struct Proposal {
+    origin: crate::types::Origin,
+    answer:
+        tokio::sync::oneshot::Receiver<openraft::raft::ClientWriteResult<crate::types::SectorRaft>>,
+    since: Instant,
 }
 
 fn write_error(error: RaftError<NodeId, ClientWriteError<NodeId, MemberNode>>) -> ServiceError {
@@ -2487,7 +2576,18 @@ impl SectorService for RaftService {
     /// verifies and applies it, and returns once this member has applied it
     /// too (so its own reads see it).
     fn write(&self, batch: SectorBatch) -> Result<(), ServiceError> {
-        self.member.write(batch)
+        self.member.write(batch, &mut || {})
+    }
+
+    /// [`RaftService::write`]; on the leader, `queued` is called as soon as
+    /// the batch has its place in the log, before it is replicated and
+    /// applied, so the caller may stage the file's next batch meanwhile.
+    fn write_queued(
+        &self,
+        batch: SectorBatch,
+        queued: &mut dyn FnMut(),
+    ) -> Result<(), ServiceError> {
+        self.member.write(batch, queued)
     }
 
     fn flush(&self) -> Result<(), ServiceError> {

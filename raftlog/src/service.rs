@@ -150,6 +150,22 @@ pub trait SectorService: Send + Sync {
     /// to readers), not necessarily durable.
     fn write(&self, batch: SectorBatch) -> Result<(), ServiceError>;
 
+    /// [`SectorService::write`], calling `queued` once the batch's place among
+    /// this service's writes is fixed, whatever its outcome: a batch of the
+    /// same files written after that call is applied after this one (or not
+    /// at all). A service that can, calls it before the batch is applied, so
+    /// a caller may prepare and send a file's next batch while this one is
+    /// replicated; by default it is called once `write` returned.
+    fn write_queued(
+        &self,
+        batch: SectorBatch,
+        queued: &mut dyn FnMut(),
+    ) -> Result<(), ServiceError> {
+        let result = self.write(batch);
+        queued();
+        result
+    }
+
     /// Makes every write applied so far durable (one shared fsync).
     fn flush(&self) -> Result<(), ServiceError>;
 

@@ -328,12 +328,21 @@ impl RaftStateMachine<SectorRaft> for SectorStateMachine {
         let mut stale = Vec::new();
         for entry in entries {
             applied.last_applied = Some(entry.log_id);
+            let mut refused = false;
             match entry.payload {
                 EntryPayload::Blank => {}
                 EntryPayload::Normal(request) => {
                     let ours = shared.is_waited_for(&request.origin());
                     match request {
-                        RaftRequest::Write { batch: staged, .. } => {
+                        // Decided by the entry alone, so every member (and a
+                        // replay over a snapshot) decides alike.
+                        RaftRequest::WriteInTerm { term, .. }
+                            if term != entry.log_id.leader_id.term =>
+                        {
+                            refused = true;
+                        }
+                        RaftRequest::Write { batch: staged, .. }
+                        | RaftRequest::WriteInTerm { batch: staged, .. } => {
                             if !ours {
                                 stale.extend(staged.written.iter().map(|(inode, _)| *inode));
                                 stale.extend(staged.ops.iter().map(|op| op.inode));
@@ -356,6 +365,7 @@ impl RaftStateMachine<SectorRaft> for SectorStateMachine {
             }
             responses.push(RaftResponse {
                 next_inode: applied.next_inode,
+                refused,
             });
         }
         batch.put(

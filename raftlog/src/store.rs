@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, RwLock};
 
 /// Files whose state is cached before unused entries are dropped.
 const CACHED_FILES: usize = 4096;
@@ -172,21 +172,78 @@ pub(crate) struct FileState {
 /// A cached file: its state behind its lock, and a flag the Raft state machine
 /// raises (without taking the lock, which a writer may hold while it waits for
 /// its own entry to apply) when an entry from elsewhere changed the file.
+///
+/// A pipelining writer ([`SectorStore::write_pipelined`]) releases the lock
+/// once its batch has its place in the log, before it is applied: the cached
+/// state is then ahead of the engine by the batches counted in `proposed`.
+/// Writers stage on top of that state; readers, and writers that must load
+/// the state from the engine, wait for the count to reach zero. The count has
+/// a lock of its own, so a batch's answer never waits for the state's lock.
 #[derive(Default)]
 pub(crate) struct FileEntry {
     stale: AtomicBool,
     state: Mutex<FileState>,
+    /// Batches proposed and not yet answered, and the term of the last one.
+    proposed: Mutex<(u32, u64)>,
+    answered: Condvar,
 }
 
 impl FileEntry {
     /// Locks the file's state, dropping what it cached if it went stale.
     fn lock(&self) -> MutexGuard<'_, FileState> {
         let mut state = lock(&self.state);
+        self.drop_if_stale(&mut state);
+        state
+    }
+
+    fn drop_if_stale(&self, state: &mut FileState) {
         if self.stale.swap(false, Ordering::AcqRel) {
             state.meta = None;
             state.tree = None;
         }
+    }
+
+    /// Locks the file's state once it matches the engine's: no batch of it
+    /// waits in the log. Holding the state's lock meanwhile keeps new batches
+    /// out, so a reader waits at most for the ones already proposed.
+    fn lock_settled(&self) -> MutexGuard<'_, FileState> {
+        let mut state = self.lock();
+        self.wait_answered();
+        self.drop_if_stale(&mut state);
         state
+    }
+
+    /// Returns once every proposed batch of the file has its answer.
+    fn wait_answered(&self) {
+        let mut proposed = lock(&self.proposed);
+        while proposed.0 > 0 {
+            proposed = self
+                .answered
+                .wait(proposed)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+
+    /// Batches proposed and not yet answered, and the term of the last one.
+    fn proposed(&self) -> (u32, u64) {
+        *lock(&self.proposed)
+    }
+
+    /// A batch of the file has its place in the log of `term`.
+    fn propose(&self, term: u64) {
+        let mut proposed = lock(&self.proposed);
+        *proposed = (proposed.0 + 1, term);
+    }
+
+    /// A proposed batch has its answer; a failed one leaves the cached state
+    /// unknown (it may hold the batch, and later batches staged on it).
+    fn answer(&self, failed: bool) {
+        if failed {
+            self.stale.store(true, Ordering::Release);
+        }
+        let mut proposed = lock(&self.proposed);
+        proposed.0 = proposed.0.saturating_sub(1);
+        self.answered.notify_all();
     }
 }
 
@@ -533,6 +590,32 @@ impl SectorStore {
         batch: SectorBatch,
         commit: impl FnOnce(StagedBatch) -> Result<T, ServiceError>,
     ) -> Result<T, ServiceError> {
+        self.write_pipelined(batch, 0, |staged, _| commit(staged), &mut || {}, Ok)
+    }
+
+    /// Verifies `batch` and stages it while holding its files' locks, on top of
+    /// any batches of the same files still on their way through the log, and
+    /// hands it to `submit`, which fixes its place in the log and returns what
+    /// to wait on. The locks are released then (`queued` is called), so the
+    /// files' next batch can be staged while this one is replicated and
+    /// applied; `wait` returns once it is applied.
+    ///
+    /// `term` is the proposer's current term (0 without Raft). A batch staged
+    /// on another not yet applied is handed to `submit` with that term, which
+    /// both were proposed in: the state machine applies it only if its entry
+    /// is of that term. In one term the leader's log keeps the order of its
+    /// proposals, so such a batch is applied only after its predecessor. If
+    /// the predecessor was lost (refused, or dropped with its term), the batch
+    /// is refused too, instead of storing a tree that vouches for records
+    /// never written.
+    pub(crate) fn write_pipelined<W, T>(
+        &self,
+        batch: SectorBatch,
+        term: u64,
+        submit: impl FnOnce(StagedBatch, Option<u64>) -> Result<W, ServiceError>,
+        queued: &mut dyn FnMut(),
+        wait: impl FnOnce(W) -> Result<T, ServiceError>,
+    ) -> Result<T, ServiceError> {
         let mut inodes = BTreeSet::new();
         for inode in batch
             .files
@@ -541,21 +624,38 @@ impl SectorStore {
             .chain(batch.removes.iter().map(|meta| meta.body().ids.inode))
         {
             if !inodes.insert(inode) {
+                queued();
                 return Err(ServiceError::Invalid(format!(
                     "inode {inode} appears twice in one batch"
                 )));
             }
         }
         let engine = self.engine();
-        // Locks in inode order, so two batches over the same files cannot deadlock.
+        // Locks in inode order, so two batches over the same files cannot
+        // deadlock. Waiting for a file's proposed batches while holding other
+        // files' locks cannot either: their answers take no lock of a file.
         let states: Vec<(u64, Arc<FileEntry>)> = inodes
             .iter()
             .map(|&inode| (inode, self.state(inode)))
             .collect();
-        let mut guards: HashMap<u64, MutexGuard<'_, FileState>> = states
-            .iter()
-            .map(|(inode, state)| (*inode, state.lock()))
-            .collect();
+        let mut guards: HashMap<u64, MutexGuard<'_, FileState>> = HashMap::new();
+        let mut in_term = None;
+        for (inode, entry) in &states {
+            let mut state = entry.lock();
+            let (proposed, last_term) = entry.proposed();
+            if proposed > 0 {
+                if state.meta.is_some() && state.tree.is_some() && last_term == term {
+                    // Staged on batches still on their way: applied after them.
+                    in_term = Some(term);
+                } else {
+                    // Loading needs what the engine holds once they applied;
+                    // a batch of another term would not be ordered after them.
+                    drop(state);
+                    state = entry.lock_settled();
+                }
+            }
+            guards.insert(*inode, state);
+        }
         let now = Timestamp::now();
         let revoked = self
             .revoked
@@ -595,44 +695,58 @@ impl SectorStore {
             }
             Ok(())
         };
-        let result = stage().and_then(|()| commit(staged));
-        match result {
-            Ok(value) => {
-                for meta in metas {
-                    let inode = meta.body().ids.inode;
-                    if let Some(state) = guards.get_mut(&inode) {
-                        state.meta = Some(meta);
-                    }
-                }
-                let removed: Vec<u64> = removes.iter().map(|meta| meta.body().ids.inode).collect();
-                for inode in &removed {
-                    if let Some(state) = guards.get_mut(inode) {
-                        state.meta = None;
-                        state.tree = None;
-                    }
-                }
-                drop(guards);
-                for inode in &removed {
-                    self.forget(*inode);
-                }
-                Ok(value)
-            }
+        let submitted = stage().and_then(|()| submit(staged, in_term));
+        let waiting = match submitted {
+            Ok(waiting) => waiting,
             Err(error) => {
-                // Nothing was stored (or, with Raft, the outcome is unknown);
-                // cached trees may hold the refused state.
+                // Nothing was proposed; cached trees may hold the refused state.
                 for state in guards.values_mut() {
                     state.meta = None;
                     state.tree = None;
                 }
-                Err(error)
+                drop(guards);
+                queued();
+                return Err(error);
+            }
+        };
+        // The cache runs ahead of the engine from here until the answer.
+        for meta in metas {
+            let inode = meta.body().ids.inode;
+            if let Some(state) = guards.get_mut(&inode) {
+                state.meta = Some(meta);
             }
         }
+        let removed: Vec<u64> = removes.iter().map(|meta| meta.body().ids.inode).collect();
+        for inode in &removed {
+            if let Some(state) = guards.get_mut(inode) {
+                state.meta = None;
+                state.tree = None;
+            }
+        }
+        for (_, entry) in &states {
+            entry.propose(term);
+        }
+        drop(guards);
+        queued();
+        // Whatever `wait` does, the files' count must come down, or their
+        // readers would wait forever.
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| wait(waiting)))
+            .unwrap_or_else(|_| Err(ServiceError::Invalid("waiting for a batch panicked".into())));
+        for (_, entry) in &states {
+            entry.answer(result.is_err());
+        }
+        if result.is_ok() {
+            for inode in &removed {
+                self.forget(*inode);
+            }
+        }
+        result
     }
 
     pub(crate) fn read_meta(&self, inode: u64) -> Result<Option<FileMeta>, ServiceError> {
         let engine = self.engine();
         let entry = self.state(inode);
-        let mut state = entry.lock();
+        let mut state = entry.lock_settled();
         self.load_meta(&engine, inode, &mut state)
     }
 

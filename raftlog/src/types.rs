@@ -83,6 +83,19 @@ pub enum RaftRequest {
         /// The directory it numbers (for the record in the log).
         directory: BtPath,
     },
+    /// A write batch staged on batches of the same files not yet applied
+    /// (see `SectorStore::write_pipelined`): applied only if its entry is of
+    /// `term`, the term they were all proposed in, and else answered with
+    /// [`RaftResponse::refused`] and applied as nothing. Appended to the
+    /// enum, so logs written before it existed still decode.
+    WriteInTerm {
+        /// Who proposed it.
+        origin: Origin,
+        /// The term its entry must be of.
+        term: u64,
+        /// The staged batch.
+        batch: StagedBatch,
+    },
 }
 
 impl RaftRequest {
@@ -90,8 +103,19 @@ impl RaftRequest {
     pub fn origin(&self) -> Origin {
         match self {
             RaftRequest::Write { origin, .. }
+            | RaftRequest::WriteInTerm { origin, .. }
             | RaftRequest::ReserveInodes { origin, .. }
             | RaftRequest::AllocateGeneration { origin, .. } => *origin,
+        }
+    }
+
+    /// The write batch the entry carries, if it is a write.
+    pub fn staged(&self) -> Option<&StagedBatch> {
+        match self {
+            RaftRequest::Write { batch, .. } | RaftRequest::WriteInTerm { batch, .. } => {
+                Some(batch)
+            }
+            RaftRequest::ReserveInodes { .. } | RaftRequest::AllocateGeneration { .. } => None,
         }
     }
 }
@@ -101,6 +125,9 @@ impl RaftRequest {
 pub struct RaftResponse {
     /// The generation's next free inode after the entry.
     pub next_inode: u64,
+    /// The entry was a [`RaftRequest::WriteInTerm`] of another term than its
+    /// own, and was applied as nothing.
+    pub refused: bool,
 }
 
 /// A snapshot's contents as this service handles them. Snapshots are not
