@@ -168,13 +168,31 @@ fn lock_settled(node: &NodeRef) -> MutexGuard<'_, NodeState> {
     settle(lock(node))
 }
 
-/// Waits, releasing the lock meanwhile, until no commit of `node` is in flight.
-fn settle(node: MutexGuard<'_, NodeState>) -> MutexGuard<'_, NodeState> {
+/// Waits, releasing the lock meanwhile, until no commit of `node` is in
+/// flight. No commit begins while it waits.
+fn settle(mut node: MutexGuard<'_, NodeState>) -> MutexGuard<'_, NodeState> {
     if !node.commit_in_flight() {
         return node;
     }
+    node.settling += 1;
     let done = node.commit_done();
-    done.wait_while(node, |node| node.commit_in_flight())
+    let mut node = done
+        .wait_while(node, |node| node.commit_in_flight())
+        .unwrap_or_else(PoisonError::into_inner);
+    node.settling -= 1;
+    done.notify_all();
+    node
+}
+
+/// Locks `node` once a commit of it may begin ([`NodeState::can_begin_commit`]):
+/// fewer commits are in flight than allowed, each queued by the store.
+fn lock_for_commit(node: &NodeRef) -> MutexGuard<'_, NodeState> {
+    let node = lock(node);
+    if node.can_begin_commit() {
+        return node;
+    }
+    let done = node.commit_done();
+    done.wait_while(node, |node| !node.can_begin_commit())
         .unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -1775,31 +1793,49 @@ impl FileSystem {
         if self.ancestors_created(node_ref) {
             self.commit_pending()?;
         }
-        let mut node = lock_settled(node_ref);
+        // A commit of everything (a flush) covers the commits in flight too;
+        // one over a dirty limit only needs a free slot.
+        let mut node = if min_dirty == 0 {
+            lock_settled(node_ref)
+        } else {
+            lock_for_commit(node_ref)
+        };
         if node.dirty_bytes() < min_dirty {
             return Ok(());
         }
         if node.is_dir() {
-            return self.commit(&mut node);
+            drop(node);
+            return self.commit(&mut lock_settled(node_ref));
         }
         let Some(write) = node.prepare_commit(&self.ctx)? else {
             return Ok(());
         };
         // The store takes the batch without the node's lock: writes to the
-        // file buffer meanwhile (the next commit waits for this one), so the
-        // file's writers do not stall for the length of a Raft write.
-        node.begin_commit();
+        // file buffer meanwhile, so the file's writers do not stall for the
+        // length of a Raft write. Once the store has queued it, the next
+        // batch may be prepared and sent while this one is replicated.
+        let seq = node.begin_commit();
         let meta = write.meta.clone();
         drop(node);
         let batch = SectorBatch {
             files: vec![write],
             removes: Vec::new(),
         };
+        let mut queued = || lock(node_ref).commit_queued(seq);
         // Whatever happens in the store, the node must leave the in-flight
         // state, or every later commit of the file would wait forever.
-        let stored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.submit(batch)))
-            .unwrap_or_else(|_| Err(FsError::Io("the store panicked taking a batch".into())));
-        lock(node_ref).end_commit(&self.ctx, meta, stored)
+        let stored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            Ok(self.ctx.service.write_queued(batch, &mut queued)?)
+        }))
+        .unwrap_or_else(|_| Err(FsError::Io("the store panicked taking a batch".into())));
+        let node = lock(node_ref);
+        // Commits end in the order they began, so each knows the ones before.
+        let done = node.commit_done();
+        let mut node = done
+            .wait_while(node, |node| !node.is_next_to_end(seq))
+            .unwrap_or_else(PoisonError::into_inner);
+        node.commit_queued(seq);
+        node.end_commit(&self.ctx, meta, stored)
     }
 
     /// Locks `node_ref` once its buffers are under the dirty limit: a writer
@@ -1817,8 +1853,12 @@ impl FileSystem {
             if node.dirty_bytes() < self.config.dirty_limit {
                 return Ok(node);
             }
-            if node.commit_in_flight() {
-                drop(settle(node));
+            if !node.can_begin_commit() {
+                let done = node.commit_done();
+                drop(
+                    done.wait_while(node, |node| !node.can_begin_commit())
+                        .unwrap_or_else(PoisonError::into_inner),
+                );
                 continue;
             }
             if committed {

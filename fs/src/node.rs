@@ -8,6 +8,12 @@
 //! takes the node's lock ([`SealContext::preseal`]): the CPU-bound part of a batch
 //! then runs on every writer's thread while the previous batch is in the store,
 //! and a commit only seals what was written in part.
+//!
+//! Up to [`COMMITS_IN_FLIGHT`] commits of a file are on their way to the store
+//! at once, each a layer of sectors over the stored file that reads see until
+//! it lands. The next is prepared on the tree the previous one left once the
+//! store has fixed the previous one's place among its writes, so the store
+//! applies them in order or refuses the later ones.
 
 use crate::attr::now;
 use crate::dir::Directory;
@@ -23,12 +29,16 @@ use blocktree_core::time::Timestamp;
 use blocktree_core::writecap::RevocationList;
 use blocktree_raftlog::pieces::parallel_map_chunks;
 use blocktree_raftlog::{FileWrite, ReadAccess, SectorService};
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Condvar};
 use std::time::{Duration, Instant};
 
 /// Sectors a file keeps in its cache.
 const CACHED_SECTORS: usize = 256;
+/// Commits of one file on their way to the store at once: the next batch is
+/// sealed, hashed and verified while the previous one is replicated and
+/// applied.
+pub(crate) const COMMITS_IN_FLIGHT: usize = 2;
 
 /// What every node needs from the file system: the store and the credentials.
 pub(crate) struct Ctx {
@@ -122,10 +132,15 @@ pub(crate) struct NodeState {
     /// Bumped by every change of the contents, so a read that fetched sectors
     /// without the lock does not cache what a concurrent write replaced.
     version: u64,
-    /// The batch being committed without the node's lock (see
+    /// The batches being committed without the node's lock, oldest first (see
     /// [`NodeState::begin_commit`]): new writes buffer meanwhile.
-    inflight: Option<InFlight>,
-    /// Signalled when a commit in flight finishes (or is aborted).
+    inflight: VecDeque<InFlight>,
+    /// The number of the next commit begun.
+    next_commit: u64,
+    /// Callers waiting for every commit in flight to end: no commit begins
+    /// meanwhile, so a steady stream of writes cannot starve them.
+    pub settling: u32,
+    /// Signalled when a commit in flight is queued by the store or ends.
     commit_done: Arc<Condvar>,
 }
 
@@ -215,6 +230,14 @@ impl SealContext {
 /// the holes and cut it records. Reads see them until the store has them; a
 /// refused commit puts them back under any newer writes.
 struct InFlight {
+    /// Its number among the file's commits.
+    seq: u64,
+    /// The store has fixed its place among its writes
+    /// ([`NodeState::commit_queued`]).
+    queued: bool,
+    /// The store refused it (or its outcome is unknown), and commits after
+    /// it are still on their way: whether it is stored depends on them.
+    failed: bool,
     sectors: BTreeMap<u64, Vec<u8>>,
     holes: BTreeSet<u64>,
     cut_from: Option<u64>,
@@ -287,7 +310,9 @@ impl NodeState {
             handles: 0,
             stored: false,
             version: 0,
-            inflight: None,
+            inflight: VecDeque::new(),
+            next_commit: 0,
+            settling: 0,
             commit_done: Arc::new(Condvar::new()),
         }
     }
@@ -364,7 +389,9 @@ impl NodeState {
             handles: 0,
             stored: true,
             version: 0,
-            inflight: None,
+            inflight: VecDeque::new(),
+            next_commit: 0,
+            settling: 0,
             commit_done: Arc::new(Condvar::new()),
         };
         if is_dir {
@@ -455,7 +482,7 @@ impl NodeState {
     /// True if writes or attribute changes wait to be committed, or a commit is
     /// in flight.
     pub fn is_dirty(&self) -> bool {
-        self.inflight.is_some()
+        !self.inflight.is_empty()
             || self.meta_dirty
             || !self.dirty.is_empty()
             || !self.holes.is_empty()
@@ -523,15 +550,19 @@ impl NodeState {
         self.holes.contains(&index) || self.cut_from.is_some_and(|cut| index >= cut)
     }
 
-    /// The plaintext the commit in flight writes to sector `index`, if it does.
-    fn inflight_sector(&self, index: u64) -> Option<&Vec<u8>> {
-        self.inflight.as_ref()?.sectors.get(&index)
-    }
-
-    /// True if the commit in flight makes sector `index` a hole.
-    fn inflight_hole(&self, index: u64) -> bool {
-        self.inflight.as_ref().is_some_and(|inflight| {
-            inflight.holes.contains(&index) || inflight.cut_from.is_some_and(|cut| index >= cut)
+    /// What the newest commit in flight that changes sector `index` writes
+    /// to it: `Some(Some(plaintext))`, `Some(None)` for a hole, `None` if
+    /// none changes it.
+    fn inflight_sector(&self, index: u64) -> Option<Option<&Vec<u8>>> {
+        self.inflight.iter().rev().find_map(|layer| {
+            if let Some(plaintext) = layer.sectors.get(&index) {
+                Some(Some(plaintext))
+            } else if layer.holes.contains(&index) || layer.cut_from.is_some_and(|cut| index >= cut)
+            {
+                Some(None)
+            } else {
+                None
+            }
         })
     }
 
@@ -558,9 +589,9 @@ impl NodeState {
                 have.push(Some(buffered.plaintext.clone()));
             } else if self.is_cut_or_punched(index) {
                 have.push(Some(vec![0u8; size]));
-            } else if let Some(plaintext) = self.inflight_sector(index) {
-                have.push(Some(plaintext.clone()));
-            } else if self.inflight_hole(index) || index >= count {
+            } else if let Some(layer) = self.inflight_sector(index) {
+                have.push(Some(layer.cloned().unwrap_or_else(|| vec![0u8; size])));
+            } else if index >= count {
                 have.push(Some(vec![0u8; size]));
             } else {
                 match self.cache.get(&index) {
@@ -846,9 +877,9 @@ impl NodeState {
                     false
                 } else if self.is_cut_or_punched(index) {
                     true
-                } else if self.inflight_sector(index).is_some() {
-                    false
-                } else if self.inflight_hole(index) || index >= stored {
+                } else if let Some(layer) = self.inflight_sector(index) {
+                    layer.is_none()
+                } else if index >= stored {
                     true
                 } else {
                     tree.leaf(index) == Some(hole)
@@ -892,12 +923,12 @@ impl NodeState {
     /// the file's part of a batch. `None` if nothing changed. Then call
     /// [`NodeState::begin_commit`], and once the store answered
     /// [`NodeState::finish_commit`] or, on a refused batch,
-    /// [`NodeState::abort_commit`]. Only one commit of a file is in flight at a
-    /// time: wait for [`NodeState::commit_in_flight`] to clear first.
+    /// [`NodeState::abort_commit`]. Wait for [`NodeState::can_begin_commit`]
+    /// first.
     pub fn prepare_commit(&mut self, ctx: &Ctx) -> FsResult<Option<FileWrite>> {
-        if self.inflight.is_some() {
+        if !self.can_begin_commit() {
             return Err(FsError::Io(format!(
-                "inode {}: a commit was prepared while another is in flight",
+                "inode {}: a commit was prepared while the ones in flight do not allow it",
                 self.ino
             )));
         }
@@ -1019,12 +1050,17 @@ impl NodeState {
         Ok(Some(FileWrite { meta, data, holes }))
     }
 
-    /// Hands the buffers [`NodeState::prepare_commit`] sealed to the commit in
+    /// Hands the buffers [`NodeState::prepare_commit`] sealed to a commit in
     /// flight, so writes from now on buffer afresh while the store takes the
     /// batch (the node's lock need not be held meanwhile). Reads see the
-    /// batch's sectors until it lands.
-    pub fn begin_commit(&mut self) {
-        self.inflight = Some(InFlight {
+    /// batch's sectors until it lands. Returns the commit's number.
+    pub fn begin_commit(&mut self) -> u64 {
+        let seq = self.next_commit;
+        self.next_commit += 1;
+        self.inflight.push_back(InFlight {
+            seq,
+            queued: false,
+            failed: false,
             sectors: std::mem::take(&mut self.dirty)
                 .into_iter()
                 .map(|(index, buffered)| (index, buffered.plaintext))
@@ -1034,28 +1070,77 @@ impl NodeState {
         });
         self.dirty_bytes = 0;
         self.meta_dirty = false;
+        seq
+    }
+
+    /// The store has fixed the place of commit `seq` among its writes: the
+    /// file's next batch may be prepared on top of it.
+    pub fn commit_queued(&mut self, seq: u64) {
+        if let Some(layer) = self.inflight.iter_mut().find(|layer| layer.seq == seq) {
+            layer.queued = true;
+        }
+        self.commit_done.notify_all();
+    }
+
+    /// True if a commit may be prepared now: fewer than [`COMMITS_IN_FLIGHT`]
+    /// are in flight, the store has queued each, none failed, and nobody
+    /// waits for them all to end.
+    pub fn can_begin_commit(&self) -> bool {
+        self.settling == 0
+            && self.inflight.len() < COMMITS_IN_FLIGHT
+            && self
+                .inflight
+                .iter()
+                .all(|layer| layer.queued && !layer.failed)
+    }
+
+    /// True if commit `seq` is the oldest one in flight whose outcome is not
+    /// known: the one [`NodeState::end_commit`] ends.
+    pub fn is_next_to_end(&self, seq: u64) -> bool {
+        self.inflight
+            .iter()
+            .find(|layer| !layer.failed)
+            .is_some_and(|layer| layer.seq == seq)
     }
 
     /// True while a commit of this file is between [`NodeState::begin_commit`]
     /// and its finish or abort.
     pub fn commit_in_flight(&self) -> bool {
-        self.inflight.is_some()
+        !self.inflight.is_empty()
     }
 
-    /// What to wait on for [`NodeState::commit_in_flight`] to clear, with this
-    /// node's lock.
+    /// What to wait on for [`NodeState::commit_in_flight`] to clear, or for a
+    /// commit to be queued, with this node's lock.
     pub fn commit_done(&self) -> Arc<Condvar> {
         Arc::clone(&self.commit_done)
     }
 
+    /// Ends the oldest commit in flight whose outcome was not known (see
+    /// [`NodeState::is_next_to_end`]) as the store answered (`stored`):
+    /// [`NodeState::finish_commit`] if it took the batch, else
+    /// [`NodeState::abort_commit`]; returns the answer.
+    pub fn end_commit(&mut self, ctx: &Ctx, meta: FileMeta, stored: FsResult<()>) -> FsResult<()> {
+        match stored {
+            Ok(()) => self.finish_commit(ctx, meta),
+            Err(_) => self.abort_commit(),
+        }
+        stored
+    }
+
     /// Installs the committed metadata; the committed sectors no later write
     /// replaced move to the cache. The store accepted the metadata, so its
-    /// signature counts as verified when the node is loaded again.
+    /// signature counts as verified when the node is loaded again. Failed
+    /// commits before it were stored after all: the store applies a file's
+    /// batches in order or refuses the later ones.
     pub fn finish_commit(&mut self, ctx: &Ctx, meta: FileMeta) {
         meta.remember_accepted(&ctx.verified_signatures);
         self.body = meta.into_body();
         self.stored = true;
-        let Some(done) = self.inflight.take() else {
+        let Some(position) = self.inflight.iter().position(|layer| !layer.failed) else {
+            return;
+        };
+        self.inflight.drain(..position);
+        let Some(done) = self.inflight.pop_front() else {
             return;
         };
         self.commit_done.notify_all();
@@ -1063,7 +1148,11 @@ impl NodeState {
         let committed: Vec<(u64, Vec<u8>)> = done
             .sectors
             .into_iter()
-            .filter(|(index, _)| !self.dirty.contains_key(index) && !self.is_cut_or_punched(*index))
+            .filter(|(index, _)| {
+                !self.dirty.contains_key(index)
+                    && !self.is_cut_or_punched(*index)
+                    && self.inflight_sector(*index).is_none()
+            })
             .collect();
         if committed.len() + self.cache.len() > CACHED_SECTORS {
             self.cache.clear();
@@ -1075,23 +1164,21 @@ impl NodeState {
         }
     }
 
-    /// Ends the commit in flight as the store answered (`stored`):
-    /// [`NodeState::finish_commit`] if it took the batch, else
-    /// [`NodeState::abort_commit`]; returns the answer.
-    pub fn end_commit(&mut self, ctx: &Ctx, meta: FileMeta, stored: FsResult<()>) -> FsResult<()> {
-        match stored {
-            Ok(()) => self.finish_commit(ctx, meta),
-            Err(_) => self.abort_commit(),
-        }
-        stored
-    }
-
-    /// After a refused or failed batch: nothing is lost. The batch's sectors,
-    /// holes and cut go back into the buffers under whatever was written since
-    /// (a later commit retries them), and the tree is reloaded from the store.
+    /// After a refused or failed batch: nothing is lost. While later commits
+    /// are in flight the batch stays a layer reads see, as whether it is
+    /// stored depends on them. Once none is, the failed batches' sectors,
+    /// holes and cuts go back into the buffers, newest first, under whatever
+    /// was written since (a later commit retries them), and the tree is
+    /// reloaded from the store.
     pub fn abort_commit(&mut self) {
-        if let Some(undone) = self.inflight.take() {
+        if let Some(layer) = self.inflight.iter_mut().find(|layer| !layer.failed) {
+            layer.failed = true;
             self.commit_done.notify_all();
+        }
+        if self.inflight.iter().any(|layer| !layer.failed) {
+            return;
+        }
+        while let Some(undone) = self.inflight.pop_back() {
             for (index, plaintext) in undone.sectors {
                 if self.dirty.contains_key(&index) || self.is_cut_or_punched(index) {
                     continue;

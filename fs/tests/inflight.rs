@@ -22,13 +22,16 @@ use common::*;
 use crossbeam_channel::Receiver;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 
 /// Passes every call to the real store, except the first data write of the
 /// armed inode: that one waits for the test's verdict (true: store it). A read
-/// of data can be held too (`hold_read`).
+/// of data can be held too (`hold_read`). With `queue_early`, a write is
+/// reported queued (`write_queued`) as it arrives, as the Raft store does, so
+/// the file's next commit begins while the held one waits; batches still
+/// reach the store in the order they were queued.
 struct Gate {
     inner: Arc<dyn SectorService>,
     armed: AtomicU64,
@@ -36,6 +39,9 @@ struct Gate {
     verdict: Mutex<mpsc::Receiver<bool>>,
     read_armed: AtomicU64,
     read_hold: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
+    queue_early: AtomicBool,
+    order: Mutex<()>,
+    queued_arrivals: Mutex<Option<mpsc::Sender<()>>>,
 }
 
 impl Gate {
@@ -97,6 +103,23 @@ impl SectorService for Gate {
             }
         }
         self.inner.write(batch)
+    }
+    fn write_queued(
+        &self,
+        batch: SectorBatch,
+        queued: &mut dyn FnMut(),
+    ) -> Result<(), ServiceError> {
+        if !self.queue_early.load(Ordering::SeqCst) {
+            let written = self.write(batch);
+            queued();
+            return written;
+        }
+        if let Some(arrivals) = &*self.queued_arrivals.lock().unwrap() {
+            arrivals.send(()).unwrap();
+        }
+        let _order = self.order.lock().unwrap();
+        queued();
+        self.write(batch)
     }
     fn flush(&self) -> Result<(), ServiceError> {
         self.inner.flush()
@@ -204,6 +227,9 @@ fn gated(
         verdict: Mutex::new(verdict_rx),
         read_armed: AtomicU64::new(0),
         read_hold: Mutex::new(None),
+        queue_early: AtomicBool::new(false),
+        order: Mutex::new(()),
+        queued_arrivals: Mutex::new(None),
     });
     let fs = FileSystem::new(gate.clone(), domain.creds.clone(), config.clone()).unwrap();
     (fs, gate, arrived, verdict)
@@ -460,4 +486,108 @@ fn a_read_racing_a_commit_of_its_sector_returns_data_not_eio() {
     });
     assert_eq!(fs.read(fh, at, 4096).unwrap(), new);
     fs.release(fh).unwrap();
+}
+
+/// Two commits of one file in flight: the second is prepared on the tree the
+/// held first one left, once the store queued the first. Reads see both
+/// layers; when the first lands the second lands on it, and when the first
+/// is refused the store refuses the second too (its tree vouches for the
+/// first's records). Either way nothing is lost: after fsync and a remount
+/// the file reads as written.
+fn two_commits_in_flight(store_first: bool) {
+    let domain = Domain::new();
+    let config = FsConfig {
+        dirty_limit: DIRTY_LIMIT,
+        ..FsConfig::default()
+    };
+    let (fs, gate, arrived, verdict) = gated(&domain, &config);
+    let name = format!("layers-{store_first}");
+    let (attr, fh) = fs
+        .create(
+            &root(),
+            FileSystem::ROOT,
+            name.as_bytes(),
+            0o644,
+            0,
+            libc::O_RDWR,
+        )
+        .unwrap();
+    let ino = attr.ino;
+    let mut model = Vec::new();
+    let base = pattern(300_000, 7);
+    fs.write(fh, 0, &base).unwrap();
+    fs.fsync(fh, false).unwrap();
+    model_write(&mut model, 0, &base);
+    let first = pattern(DIRTY_LIMIT + 5_000, 31);
+    let second = pattern(DIRTY_LIMIT + 9_000, 57);
+    let (first_at, second_at) = (100_000u64, 700_000u64);
+    model_write(&mut model, first_at, &first);
+    model_write(&mut model, second_at, &second);
+    let (arrivals_tx, arrivals) = mpsc::channel();
+    *gate.queued_arrivals.lock().unwrap() = Some(arrivals_tx);
+    gate.queue_early.store(true, Ordering::SeqCst);
+    gate.armed.store(ino, Ordering::SeqCst);
+    std::thread::scope(|scope| {
+        let first_writer = scope.spawn(|| fs.write(fh, first_at, &first));
+        arrived.recv().unwrap();
+        arrivals.recv().unwrap();
+        // The store has queued the first commit: the second begins and waits
+        // behind it.
+        let second_writer = scope.spawn(|| fs.write(fh, second_at, &second));
+        if arrivals
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .is_err()
+        {
+            // Let the writers go before failing, or the scope waits forever.
+            verdict.send(store_first).unwrap();
+            panic!("the second commit did not begin while the first was held");
+        }
+        check_read(&fs, fh, &model, 0, u32::MAX, "with two commits in flight");
+        check_holes(&fs, ino, &model, "with two commits in flight");
+        // Over both layers, buffered on top of them.
+        let late = pattern(20_000, 77);
+        fs.write(fh, first_at + 4_000, &late).unwrap();
+        model_write(&mut model, first_at + 4_000, &late);
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        fs.fallocate(&root(), ino, second_at + 8192, 16384, mode)
+            .unwrap();
+        model[(second_at + 8192) as usize..(second_at + 8192 + 16384) as usize].fill(0);
+        check_read(&fs, fh, &model, 0, u32::MAX, "over two commits in flight");
+        verdict.send(store_first).unwrap();
+        let first_result = first_writer.join().unwrap();
+        let second_result = second_writer.join().unwrap();
+        assert_eq!(
+            first_result.is_ok(),
+            store_first,
+            "the held commit: {first_result:?}"
+        );
+        assert_eq!(
+            second_result.is_ok(),
+            store_first,
+            "the commit staged on the held one: {second_result:?}"
+        );
+    });
+    gate.queue_early.store(false, Ordering::SeqCst);
+    check_read(&fs, fh, &model, 0, u32::MAX, "after both commits ended");
+    check_holes(&fs, ino, &model, "after both commits ended");
+    fs.fsync(fh, false).unwrap();
+    fs.release(fh).unwrap();
+    fs.sync_all().unwrap();
+    drop(fs);
+    drop(gate);
+    let fs = domain.mount(config);
+    assert_eq!(fs.resolve(&root(), &format!("/{name}")).unwrap(), ino);
+    let fh = fs.open(&root(), ino, libc::O_RDONLY).unwrap();
+    check_read(&fs, fh, &model, 0, u32::MAX, "after remounting");
+    fs.release(fh).unwrap();
+}
+
+#[test]
+fn a_second_commit_in_flight_lands_on_the_first() {
+    two_commits_in_flight(true);
+}
+
+#[test]
+fn a_second_commit_in_flight_is_refused_with_the_first_and_nothing_is_lost() {
+    two_commits_in_flight(false);
 }
