@@ -536,4 +536,98 @@ mod tests {
         assert!(AppliedState::decode(&[1]).is_err());
         assert!(AppliedState::decode(&encoded[..3]).is_err());
     }
+
+    /// A batch staged on unapplied ones names the term they were proposed in:
+    /// in an entry of that term it is applied, in an entry of a later term
+    /// (its predecessors may have been lost) it stores nothing and answers
+    /// `refused`. Plain writes apply in any term.
+    #[test]
+    fn a_write_in_term_applies_only_in_an_entry_of_its_term() {
+        let dir = tempfile::tempdir().unwrap();
+        let generation = 7;
+        let engine =
+            Engine::open_or_create(EngineConfig::new(dir.path().join("engine")), generation)
+                .unwrap();
+        let info = crate::store::GenerationInfo {
+            generation,
+            directory: format!("/{}/servers", "A".repeat(43)).parse().unwrap(),
+        };
+        let store = Arc::new(SectorStore::new(engine.clone(), info));
+        let node = 1;
+        let shared = Arc::new(MachineShared::new(
+            store,
+            dir.path().to_path_buf(),
+            Arc::new(EngineConfig::new),
+            node,
+            AppliedState::default(),
+        ));
+        let mut machine = SectorStateMachine { shared };
+        let origin = crate::types::Origin {
+            node,
+            boot: 1,
+            seq: 1,
+        };
+        let put = |sector: u64, byte: u8| {
+            let mut batch = crate::store::StagedBatch::default();
+            batch.ops.push(crate::store::SectorOp {
+                inode: 40,
+                sector: SectorKind::Data(sector),
+                data: Some(bytes::Bytes::from(vec![byte; 64])),
+            });
+            batch
+        };
+        let entry = |term: u64, index: u64, request: RaftRequest| Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(term, node), index),
+            payload: EntryPayload::Normal(request),
+        };
+        let entries = vec![
+            entry(
+                3,
+                1,
+                RaftRequest::WriteInTerm {
+                    origin,
+                    term: 3,
+                    batch: put(0, 1),
+                },
+            ),
+            entry(
+                4,
+                2,
+                RaftRequest::WriteInTerm {
+                    origin,
+                    term: 3,
+                    batch: put(1, 2),
+                },
+            ),
+            entry(
+                4,
+                3,
+                RaftRequest::Write {
+                    origin,
+                    batch: put(2, 3),
+                },
+            ),
+        ];
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let responses = runtime.block_on(machine.apply(entries)).unwrap();
+        let refused: Vec<bool> = responses.iter().map(|response| response.refused).collect();
+        assert_eq!(refused, [false, true, false]);
+        let stored = |sector: u64| {
+            engine
+                .read(SectorId {
+                    generation,
+                    inode: 40,
+                    sector: SectorKind::Data(sector),
+                })
+                .wait()
+                .unwrap()
+        };
+        assert_eq!(stored(0), Some(vec![1; 64]));
+        assert_eq!(stored(1), None, "a write refused for its term stored data");
+        assert_eq!(stored(2), Some(vec![3; 64]));
+        engine.shutdown().unwrap();
+    }
 }
