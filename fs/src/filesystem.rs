@@ -196,6 +196,18 @@ fn lock_for_commit(node: &NodeRef) -> MutexGuard<'_, NodeState> {
         .unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Writing clears setuid/setgid, as on other file systems.
+fn clear_set_ids(node: &mut NodeState) {
+    if node.secrets.mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
+        node.secrets.mode &= !(libc::S_ISUID | libc::S_ISGID);
+    }
+}
+
+/// The count a write of `data` returns.
+fn write_count(data: &[u8]) -> FsResult<u32> {
+    u32::try_from(data.len()).map_err(|_| FsError::Invalid("write too large".into()))
+}
+
 fn xattr_key(name: &[u8]) -> serde_bytes::ByteBuf {
     serde_bytes::ByteBuf::from(name.to_vec())
 }
@@ -1880,40 +1892,125 @@ impl FileSystem {
         // The sectors the write covers whole are sealed here, before the lock:
         // the file's other writers and its commit in flight go on meanwhile. An
         // append's offset is known only under the lock.
-        let presealed = if append || data.len() < MIN_PRESEAL_BYTES {
+        let presealed = if append {
             Presealed::default()
         } else {
-            let context = lock(&node_ref).seal_context(&self.ctx);
-            context.preseal(offset, data)
+            self.preseal(&node_ref, &[(offset, data)]).remove(0)
         };
-        let mut node = self.lock_with_room(&node_ref)?;
+        let node = self.lock_with_room(&node_ref)?;
         let offset = if append { node.secrets.size } else { offset };
-        let written = node.write_presealed(&self.ctx, offset, data, presealed);
-        let mut node = match written {
-            Ok(()) => node,
-            Err(FsError::Access(why)) => {
-                drop(node);
-                if !self.ancestors_created(&node_ref) {
-                    return Err(FsError::Access(why));
-                }
-                // A partial sector's current contents could not be read through
-                // directories the store has not seen yet: commit them and retry.
-                self.commit_pending()?;
-                let mut node = lock(&node_ref);
-                node.write(&self.ctx, offset, data)?;
-                node
-            }
-            Err(error) => return Err(error),
-        };
-        // Writing clears setuid/setgid, as on other file systems.
-        if node.secrets.mode & (libc::S_ISUID | libc::S_ISGID) != 0 {
-            node.secrets.mode &= !(libc::S_ISUID | libc::S_ISGID);
-        }
+        let (mut node, written) = self.buffer_write(&node_ref, node, offset, data, presealed);
+        written?;
+        clear_set_ids(&mut node);
         if node.dirty_bytes() >= self.config.dirty_limit {
             drop(node);
             self.commit_file_over(&node_ref, self.config.dirty_limit)?;
         }
-        u32::try_from(data.len()).map_err(|_| FsError::Invalid("write too large".into()))
+        write_count(data)
+    }
+
+    /// Several writes to one file (not opened `O_APPEND`), in order, under
+    /// one lock of it where they fit below the dirty limit: NBD's gathered
+    /// writes. One result per write; a failed commit is reported by the write
+    /// that filled the buffers, as [`FileSystem::write`] does.
+    pub fn write_many(&self, fh: u64, writes: &[(u64, &[u8])]) -> Vec<FsResult<u32>> {
+        let write_each = |writes: &[(u64, &[u8])]| -> Vec<FsResult<u32>> {
+            writes
+                .iter()
+                .map(|&(offset, data)| self.write(fh, offset, data))
+                .collect()
+        };
+        let Ok((node_ref, true, false)) = self.handle(fh) else {
+            return write_each(writes);
+        };
+        if writes.len() < 2 {
+            return write_each(writes);
+        }
+        let presealed = self.preseal(&node_ref, writes);
+        let Ok(mut node) = self.lock_with_room(&node_ref) else {
+            return write_each(writes);
+        };
+        let mut results: Vec<FsResult<u32>> = Vec::with_capacity(writes.len());
+        for (&(offset, data), presealed) in writes.iter().zip(presealed) {
+            if node.dirty_bytes() >= self.config.dirty_limit {
+                drop(node);
+                if let Err(error) = self.commit_file_over(&node_ref, self.config.dirty_limit)
+                    && let Some(last) = results.last_mut()
+                {
+                    *last = Err(error);
+                }
+                match self.lock_with_room(&node_ref) {
+                    Ok(locked) => node = locked,
+                    Err(error) => {
+                        // Not buffered: its commit failed to make room.
+                        results.push(Err(error));
+                        node = lock(&node_ref);
+                        continue;
+                    }
+                }
+            }
+            let (locked, written) = self.buffer_write(&node_ref, node, offset, data, presealed);
+            node = locked;
+            results.push(written.and_then(|()| write_count(data)));
+        }
+        clear_set_ids(&mut node);
+        if node.dirty_bytes() >= self.config.dirty_limit {
+            drop(node);
+            if let Err(error) = self.commit_file_over(&node_ref, self.config.dirty_limit)
+                && let Some(last) = results.last_mut()
+            {
+                *last = Err(error);
+            }
+        }
+        results
+    }
+
+    /// Seals the sectors each write covers whole, before the file's lock.
+    fn preseal(&self, node_ref: &NodeRef, writes: &[(u64, &[u8])]) -> Vec<Presealed> {
+        if writes
+            .iter()
+            .all(|(_, data)| data.len() < MIN_PRESEAL_BYTES)
+        {
+            return writes.iter().map(|_| Presealed::default()).collect();
+        }
+        let context = lock(node_ref).seal_context(&self.ctx);
+        writes
+            .iter()
+            .map(|&(offset, data)| {
+                if data.len() < MIN_PRESEAL_BYTES {
+                    Presealed::default()
+                } else {
+                    context.preseal(offset, data)
+                }
+            })
+            .collect()
+    }
+
+    /// Buffers one write into `node`, locked with room for it. A partial
+    /// sector whose current contents cannot be read through directories the
+    /// store has not seen yet has them committed, and the write is retried.
+    /// Returns the node locked again, and the write's outcome.
+    fn buffer_write<'n>(
+        &self,
+        node_ref: &'n NodeRef,
+        mut node: MutexGuard<'n, NodeState>,
+        offset: u64,
+        data: &[u8],
+        presealed: Presealed,
+    ) -> (MutexGuard<'n, NodeState>, FsResult<()>) {
+        match node.write_presealed(&self.ctx, offset, data, presealed) {
+            Err(FsError::Access(why)) => {
+                drop(node);
+                if !self.ancestors_created(node_ref) {
+                    return (lock(node_ref), Err(FsError::Access(why)));
+                }
+                let committed = self.commit_pending();
+                let mut node = lock(node_ref);
+                let written = committed.and_then(|()| node.write(&self.ctx, offset, data));
+                (node, written)
+            }
+            written => (node, written),
+        }
     }
 
     /// Commits the buffered writes of the file (`close(2)`).

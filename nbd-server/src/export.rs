@@ -94,6 +94,15 @@ pub trait Device: Send + Sync {
     }
     /// Writes `data` at `offset`; durable before returning if `fua`.
     fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DeviceError>;
+    /// Writes several ranges (each in range, none with FUA), one result per
+    /// range, in order. The server hands queued small writes of a connection
+    /// over together, so a device that can buffer them under one lock should.
+    fn write_many(&self, writes: &[(u64, &[u8])]) -> Vec<Result<(), DeviceError>> {
+        writes
+            .iter()
+            .map(|&(offset, data)| self.write(offset, data, false))
+            .collect()
+    }
     /// Makes every completed write durable, whichever connection made it.
     fn flush(&self) -> Result<(), DeviceError>;
     /// Discards a range: it reads as zeros afterwards.

@@ -36,12 +36,16 @@ use tokio::task::JoinSet;
 const READ_BUFFER: usize = 256 * 1024;
 /// Bytes buffered when writing replies (larger payloads go straight out).
 const WRITE_BUFFER: usize = 256 * 1024;
-/// Reads at most this long are gathered into one hand-over to the device while
-/// the client keeps sending (larger ones already fill a trip on their own).
+/// Reads and writes at most this long are gathered into one hand-over to the
+/// device while the client keeps sending (larger ones already fill a trip on
+/// their own).
 const BATCHED_READ_MAX: u32 = 64 * 1024;
-/// The most reads, and bytes of them, handed to the device together.
+const BATCHED_WRITE_MAX: u32 = 64 * 1024;
+/// The most reads or writes, and bytes of them, handed to the device together.
 const READ_BATCH_COUNT: usize = 64;
 const READ_BATCH_BYTES: usize = 1 << 20;
+const WRITE_BATCH_COUNT: usize = 64;
+const WRITE_BATCH_BYTES: usize = 1 << 20;
 /// The most block status descriptors in one reply (the protocol's advice).
 const MAX_DESCRIPTORS: usize = 1 << 20;
 /// How long connections get to finish their requests when the server stops.
@@ -502,6 +506,98 @@ struct QueuedRead {
     permits: Permits,
 }
 
+/// A write request (without FUA) waiting to be handed to the device with the
+/// ones after it.
+struct QueuedWrite {
+    cookie: u64,
+    offset: u64,
+    payload: Vec<u8>,
+    permits: Permits,
+}
+
+/// Small writes of one connection that arrived back to back, as
+/// [`ReadBatch`] gathers reads: one hand-over and one lock of the file for a
+/// queue of 4 KiB writes (`Device::write_many`), each answered once all are
+/// buffered. NBD makes no promise about the order of requests in flight
+/// together, and a client that needs one waits for the replies.
+#[derive(Default)]
+struct WriteBatch {
+    writes: Vec<QueuedWrite>,
+    bytes: usize,
+}
+
+impl WriteBatch {
+    fn is_full(&self) -> bool {
+        self.writes.len() >= WRITE_BATCH_COUNT || self.bytes >= WRITE_BATCH_BYTES
+    }
+
+    fn push(&mut self, write: QueuedWrite) {
+        self.bytes += write.payload.len();
+        self.writes.push(write);
+    }
+
+    fn dispatch(
+        &mut self,
+        device: &Arc<dyn Device>,
+        session: &Arc<Session>,
+        replies: &mpsc::UnboundedSender<Reply>,
+    ) {
+        if self.writes.is_empty() {
+            return;
+        }
+        let writes = std::mem::take(&mut self.writes);
+        self.bytes = 0;
+        let device = device.clone();
+        let session = session.clone();
+        let replies = replies.clone();
+        tokio::task::spawn_blocking(move || {
+            let ranges: Vec<(u64, &[u8])> = writes
+                .iter()
+                .map(|write| (write.offset, write.payload.as_slice()))
+                .collect();
+            let results = device.write_many(&ranges);
+            drop(ranges);
+            for (write, result) in writes.into_iter().zip(results) {
+                let head = match result {
+                    Ok(()) => proto::simple_reply(write.cookie, None).to_vec(),
+                    Err(error) => {
+                        failure_reply(&*device, &session, write.cookie, &error, "write", false).0
+                    }
+                };
+                drop(write.payload);
+                let _ = replies.send(Reply {
+                    head,
+                    data: Vec::new(),
+                    _permits: write.permits,
+                });
+            }
+        });
+    }
+}
+
+/// The small requests of one connection gathered for the device.
+#[derive(Default)]
+struct Gathered {
+    reads: ReadBatch,
+    writes: WriteBatch,
+}
+
+impl Gathered {
+    fn is_full(&self) -> bool {
+        self.reads.is_full() || self.writes.is_full()
+    }
+
+    fn dispatch(
+        &mut self,
+        device: &Arc<dyn Device>,
+        session: &Arc<Session>,
+        replies: &mpsc::UnboundedSender<Reply>,
+    ) {
+        self.reads.dispatch(device, session, replies);
+        self.writes.dispatch(device, session, replies);
+    }
+}
+
 /// Small reads of one connection that arrived back to back: the client had
 /// already sent the next request when this one was parsed. They go to the
 /// device together (`Device::read_many`), on one blocking thread, so that a
@@ -571,7 +667,7 @@ async fn transmission(
     let slots = Arc::new(Semaphore::new(shared.max_in_flight));
     let budget = Arc::new(Semaphore::new(shared.connection_budget));
     let session = Arc::new(session);
-    let mut batch = ReadBatch::default();
+    let mut batch = Gathered::default();
     let result: Result<(), ConnError> = loop {
         if reader.buffer().len() < REQUEST_HEADER_LEN || batch.is_full() {
             batch.dispatch(&device, &session, &replies);
@@ -656,10 +752,22 @@ async fn transmission(
                     _permits: permits,
                 });
             }
-            Ok(Op::Read { offset, len }) if len <= BATCHED_READ_MAX => batch.push(QueuedRead {
-                cookie: header.cookie,
+            Ok(Op::Read { offset, len }) if len <= BATCHED_READ_MAX => {
+                batch.reads.push(QueuedRead {
+                    cookie: header.cookie,
+                    offset,
+                    len,
+                    permits,
+                })
+            }
+            Ok(Op::Write {
                 offset,
                 len,
+                fua: false,
+            }) if len <= BATCHED_WRITE_MAX => batch.writes.push(QueuedWrite {
+                cookie: header.cookie,
+                offset,
+                payload,
                 permits,
             }),
             Ok(op) => {

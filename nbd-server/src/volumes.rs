@@ -564,6 +564,20 @@ impl Device for FsVolume {
         self.durable_if(fua)
     }
 
+    fn write_many(&self, writes: &[(u64, &[u8])]) -> Vec<Result<(), DeviceError>> {
+        self.fs
+            .write_many(self.fh, writes)
+            .into_iter()
+            .zip(writes)
+            .map(
+                |(written, &(_, data))| match written.map_err(device_error)? {
+                    count if count as usize == data.len() => Ok(()),
+                    _ => Err(DeviceError::new(errno::EIO, "short write")),
+                },
+            )
+            .collect()
+    }
+
     fn flush(&self) -> Result<(), DeviceError> {
         self.fs.fsync(self.fh, false).map_err(device_error)
     }
