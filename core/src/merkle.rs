@@ -225,6 +225,12 @@ fn fold_path<'a>(
 
 /// Computes node `index` of the level above `child` (which has `child_len` nodes) into
 /// `out`; returns the number of hashes made (0 when the node is promoted).
+/// Nodes of one level to recompute from which they are hashed together: below
+/// it, the batch's allocations cost more than its lanes save.
+const BATCHED_NODES_MIN: usize = 4;
+/// The most nodes hashed in one batch.
+const BATCHED_NODES_MAX: usize = 4096;
+
 fn compute_node(
     algorithm: HashAlgorithm,
     digest_len: usize,
@@ -552,10 +558,43 @@ impl MerkleTree {
             };
             let explicit = dirty.partition_point(|&index| index < tail);
             dirty.truncate(explicit);
-            for index in dirty.iter().copied().chain(tail..parent_len) {
-                let out = &mut parent[index * digest_len..][..digest_len];
-                hashes += compute_node(algorithm, digest_len, child, child_len, index, out);
+            let nodes = dirty.len() + parent_len.saturating_sub(tail);
+            if nodes < BATCHED_NODES_MIN {
+                for index in dirty.iter().copied().chain(tail..parent_len) {
+                    let out = &mut parent[index * digest_len..][..digest_len];
+                    hashes += compute_node(algorithm, digest_len, child, child_len, index, out);
+                }
+                continue;
             }
+            // A level's nodes are hashed together (`hash_many` runs several
+            // SHA-NI lanes at once): hashing them one by one cost a digest
+            // context each, most of a 65-byte message's time.
+            let mut pairs = Vec::with_capacity(nodes);
+            for index in dirty.iter().copied().chain(tail..parent_len) {
+                if 2 * index + 1 < child_len {
+                    pairs.push(index);
+                } else {
+                    let out = &mut parent[index * digest_len..][..digest_len];
+                    compute_node(algorithm, digest_len, child, child_len, index, out);
+                }
+            }
+            // In chunks, so rebuilding a large tree does not hold a message
+            // and a digest per node of a level at once.
+            for chunk in pairs.chunks(BATCHED_NODES_MAX) {
+                let messages: Vec<[&[u8]; 3]> = chunk
+                    .iter()
+                    .map(|&index| {
+                        let left = &child[2 * index * digest_len..][..2 * digest_len];
+                        let (left, right) = left.split_at(digest_len);
+                        [&[NODE_TAG][..], left, right]
+                    })
+                    .collect();
+                let parts: Vec<&[&[u8]]> = messages.iter().map(|message| &message[..]).collect();
+                for (index, digest) in chunk.iter().zip(algorithm.hash_many(&parts)) {
+                    parent[index * digest_len..][..digest_len].copy_from_slice(digest.as_bytes());
+                }
+            }
+            hashes += pairs.len() as u64;
         }
         self.hash_count = self.hash_count.saturating_add(hashes);
     }
