@@ -219,8 +219,9 @@ impl LogMemory {
         }
     }
 
-    fn evict(&mut self, applied: Option<u64>) {
-        while self.cache_bytes > CACHE_BYTES {
+    /// Drops durable, applied entries beyond `keep` bytes, oldest first.
+    fn evict(&mut self, applied: Option<u64>, keep: usize) {
+        while self.cache_bytes > keep {
             let Some((&index, _)) = self.cache.iter().next() else {
                 break;
             };
@@ -697,7 +698,11 @@ impl RaftLogStorage<SectorRaft> for EngineLogStore {
                         .durable_upto
                         .map_or(last_index, |durable| durable.max(last_index)),
                 );
-                memory.evict(store.inner.machine.applied_index());
+                // A member alone has no follower to send entries to: once
+                // applied they are only memory (up to 16 MiB under NBD load).
+                let machine = &store.inner.machine;
+                let keep = if machine.alone() { 0 } else { CACHE_BYTES };
+                memory.evict(machine.applied_index(), keep);
             }
             callback.log_io_completed(result.map_err(std::io::Error::other));
         });

@@ -191,6 +191,15 @@ impl MachineShared {
         lock(&self.applied).clone()
     }
 
+    /// True if the applied membership is this member alone (no other voter,
+    /// no learner).
+    pub(crate) fn alone(&self) -> bool {
+        let applied = lock(&self.applied);
+        let membership = applied.membership.membership();
+        let mut nodes = membership.nodes().map(|(id, _)| *id);
+        nodes.next() == Some(self.node) && nodes.next().is_none()
+    }
+
     /// The index of the last entry applied.
     pub(crate) fn applied_index(&self) -> Option<u64> {
         lock(&self.applied).last_applied.map(|id| id.index)
