@@ -235,6 +235,50 @@ fn gated(
     (fs, gate, arrived, verdict)
 }
 
+/// Creates `name` with 300,000 bytes stored (written and fsynced), so that a
+/// held commit is not the file's first; returns its inode, handle and model.
+fn stored_file(fs: &FileSystem, name: &str) -> (u64, u64, Vec<u8>) {
+    let (attr, fh) = fs
+        .create(
+            &root(),
+            FileSystem::ROOT,
+            name.as_bytes(),
+            0o644,
+            0,
+            libc::O_RDWR,
+        )
+        .unwrap();
+    let mut model = Vec::new();
+    let base = pattern(300_000, 7);
+    fs.write(fh, 0, &base).unwrap();
+    fs.fsync(fh, false).unwrap();
+    model_write(&mut model, 0, &base);
+    (attr.ino, fh, model)
+}
+
+/// Syncs and closes `fh`, unmounts, mounts `domain` again and checks that
+/// `name` reads as `model`.
+fn check_after_remount(
+    fs: FileSystem,
+    gate: Arc<Gate>,
+    fh: u64,
+    (domain, config): (&Domain, FsConfig),
+    (name, ino): (&str, u64),
+    model: &[u8],
+) {
+    fs.fsync(fh, false).unwrap();
+    check_read(&fs, fh, model, 0, u32::MAX, "after fsync");
+    fs.release(fh).unwrap();
+    fs.sync_all().unwrap();
+    drop(fs);
+    drop(gate);
+    let fs = domain.mount(config);
+    assert_eq!(fs.resolve(&root(), &format!("/{name}")).unwrap(), ino);
+    let fh = fs.open(&root(), ino, libc::O_RDONLY).unwrap();
+    check_read(&fs, fh, model, 0, u32::MAX, "after remounting");
+    fs.release(fh).unwrap();
+}
+
 fn run(domain: &Domain, sector_size: u32, encrypted: bool, ops: &[Op], store_it: bool) {
     let config = FsConfig {
         sector_size,
@@ -247,23 +291,7 @@ fn run(domain: &Domain, sector_size: u32, encrypted: bool, ops: &[Op], store_it:
         "inflight-{sector_size}-{encrypted}-{}",
         NEXT.fetch_add(1, Ordering::SeqCst)
     );
-    let (attr, fh) = fs
-        .create(
-            &root(),
-            FileSystem::ROOT,
-            name.as_bytes(),
-            0o644,
-            0,
-            libc::O_RDWR,
-        )
-        .unwrap();
-    let ino = attr.ino;
-    let mut model = Vec::new();
-    // Stored contents first, so the held commit is not the file's first.
-    let base = pattern(300_000, 7);
-    fs.write(fh, 0, &base).unwrap();
-    fs.fsync(fh, false).unwrap();
-    model_write(&mut model, 0, &base);
+    let (ino, fh, mut model) = stored_file(&fs, &name);
 
     let big = pattern(DIRTY_LIMIT + 5_000, 101);
     let big_at = 150_000;
@@ -339,18 +367,7 @@ fn run(domain: &Domain, sector_size: u32, encrypted: bool, ops: &[Op], store_it:
     for handle in extra_handles {
         fs.release(handle).unwrap();
     }
-    fs.fsync(fh, false).unwrap();
-    check_read(&fs, fh, &model, 0, u32::MAX, "after fsync");
-    fs.release(fh).unwrap();
-    fs.sync_all().unwrap();
-    drop(fs);
-    drop(gate);
-
-    let fs = domain.mount(config);
-    assert_eq!(fs.resolve(&root(), &format!("/{name}")).unwrap(), ino);
-    let fh = fs.open(&root(), ino, libc::O_RDONLY).unwrap();
-    check_read(&fs, fh, &model, 0, u32::MAX, "after remounting");
-    fs.release(fh).unwrap();
+    check_after_remount(fs, gate, fh, (domain, config), (&name, ino), &model);
 }
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -502,22 +519,7 @@ fn two_commits_in_flight(store_first: bool) {
     };
     let (fs, gate, arrived, verdict) = gated(&domain, &config);
     let name = format!("layers-{store_first}");
-    let (attr, fh) = fs
-        .create(
-            &root(),
-            FileSystem::ROOT,
-            name.as_bytes(),
-            0o644,
-            0,
-            libc::O_RDWR,
-        )
-        .unwrap();
-    let ino = attr.ino;
-    let mut model = Vec::new();
-    let base = pattern(300_000, 7);
-    fs.write(fh, 0, &base).unwrap();
-    fs.fsync(fh, false).unwrap();
-    model_write(&mut model, 0, &base);
+    let (ino, fh, mut model) = stored_file(&fs, &name);
     let first = pattern(DIRTY_LIMIT + 5_000, 31);
     let second = pattern(DIRTY_LIMIT + 9_000, 57);
     let (first_at, second_at) = (100_000u64, 700_000u64);
@@ -570,16 +572,7 @@ fn two_commits_in_flight(store_first: bool) {
     gate.queue_early.store(false, Ordering::SeqCst);
     check_read(&fs, fh, &model, 0, u32::MAX, "after both commits ended");
     check_holes(&fs, ino, &model, "after both commits ended");
-    fs.fsync(fh, false).unwrap();
-    fs.release(fh).unwrap();
-    fs.sync_all().unwrap();
-    drop(fs);
-    drop(gate);
-    let fs = domain.mount(config);
-    assert_eq!(fs.resolve(&root(), &format!("/{name}")).unwrap(), ino);
-    let fh = fs.open(&root(), ino, libc::O_RDONLY).unwrap();
-    check_read(&fs, fh, &model, 0, u32::MAX, "after remounting");
-    fs.release(fh).unwrap();
+    check_after_remount(fs, gate, fh, (&domain, config), (&name, ino), &model);
 }
 
 #[test]
