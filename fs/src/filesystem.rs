@@ -110,6 +110,9 @@ const SMALL_NEW_FILE: usize = 64 * 1024;
 /// Writes shorter than this cover no whole sector of any file worth sealing
 /// before the lock (the smallest sector size).
 const MIN_PRESEAL_BYTES: usize = 512;
+/// How long a writer waiting for a commit slot sleeps before it looks again
+/// (the store's wake-up can be missed; see `wait_to_begin`).
+const QUEUED_POLL: Duration = Duration::from_millis(1);
 /// How long a read that failed verification in a cluster is planned again,
 /// after catching up with changes other members made, before it is EIO; and
 /// its first pause, doubled each time up to a tenth of that. The announcement
@@ -187,13 +190,21 @@ fn settle(mut node: MutexGuard<'_, NodeState>) -> MutexGuard<'_, NodeState> {
 /// Locks `node` once a commit of it may begin ([`NodeState::can_begin_commit`]):
 /// fewer commits are in flight than allowed, each queued by the store.
 fn lock_for_commit(node: &NodeRef) -> MutexGuard<'_, NodeState> {
-    let node = lock(node);
-    if node.can_begin_commit() {
-        return node;
-    }
+    wait_to_begin(lock(node))
+}
+
+/// Waits, releasing the lock meanwhile, until a commit of `node` may begin.
+fn wait_to_begin(mut node: MutexGuard<'_, NodeState>) -> MutexGuard<'_, NodeState> {
     let done = node.commit_done();
-    done.wait_while(node, |node| !node.can_begin_commit())
-        .unwrap_or_else(PoisonError::into_inner)
+    while !node.can_begin_commit() {
+        // The store marks a commit queued without the node's lock, so the
+        // wake-up may come between a look and the wait: look again soon.
+        node = done
+            .wait_timeout(node, QUEUED_POLL)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+    }
+    node
 }
 
 /// Writing clears setuid/setgid, as on other file systems.
@@ -1828,12 +1839,24 @@ impl FileSystem {
         // batch may be prepared and sent while this one is replicated.
         let seq = node.begin_commit();
         let meta = write.meta.clone();
+        // Raised without the node's lock: the store calls this while the
+        // batch is counted as proposed, and a reader holding the node's lock
+        // may be waiting in the store for that count to come down.
+        let flag = node.queued_flag(seq);
+        let done = node.commit_done();
         drop(node);
+        let mut queued = || {
+            if let Some(flag) = &flag {
+                flag.store(true, std::sync::atomic::Ordering::Release);
+            }
+            if let Ok(_node) = node_ref.try_lock() {
+                done.notify_all();
+            }
+        };
         let batch = SectorBatch {
             files: vec![write],
             removes: Vec::new(),
         };
-        let mut queued = || lock(node_ref).commit_queued(seq);
         // Whatever happens in the store, the node must leave the in-flight
         // state, or every later commit of the file would wait forever.
         let stored = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -1866,11 +1889,7 @@ impl FileSystem {
                 return Ok(node);
             }
             if !node.can_begin_commit() {
-                let done = node.commit_done();
-                drop(
-                    done.wait_while(node, |node| !node.can_begin_commit())
-                        .unwrap_or_else(PoisonError::into_inner),
-                );
+                drop(wait_to_begin(node));
                 continue;
             }
             if committed {

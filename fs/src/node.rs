@@ -30,6 +30,7 @@ use blocktree_core::writecap::RevocationList;
 use blocktree_raftlog::pieces::parallel_map_chunks;
 use blocktree_raftlog::{FileWrite, ReadAccess, SectorService};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar};
 use std::time::{Duration, Instant};
 
@@ -233,8 +234,10 @@ struct InFlight {
     /// Its number among the file's commits.
     seq: u64,
     /// The store has fixed its place among its writes
-    /// ([`NodeState::commit_queued`]).
-    queued: bool,
+    /// ([`NodeState::queued_flag`]). Shared, because the store raises it
+    /// without the node's lock: a reader may hold that lock while it waits in
+    /// the store for this very batch.
+    queued: Arc<AtomicBool>,
     /// The store refused it (or its outcome is unknown), and commits after
     /// it are still on their way: whether it is stored depends on them.
     failed: bool,
@@ -1059,7 +1062,7 @@ impl NodeState {
         self.next_commit += 1;
         self.inflight.push_back(InFlight {
             seq,
-            queued: false,
+            queued: Arc::new(AtomicBool::new(false)),
             failed: false,
             sectors: std::mem::take(&mut self.dirty)
                 .into_iter()
@@ -1076,10 +1079,20 @@ impl NodeState {
     /// The store has fixed the place of commit `seq` among its writes: the
     /// file's next batch may be prepared on top of it.
     pub fn commit_queued(&mut self, seq: u64) {
-        if let Some(layer) = self.inflight.iter_mut().find(|layer| layer.seq == seq) {
-            layer.queued = true;
+        if let Some(flag) = self.queued_flag(seq) {
+            flag.store(true, Ordering::Release);
         }
         self.commit_done.notify_all();
+    }
+
+    /// What marks commit `seq` queued without the node's lock; a waiter for
+    /// [`NodeState::can_begin_commit`] may then miss its wake-up and must look
+    /// again on a timeout.
+    pub fn queued_flag(&self, seq: u64) -> Option<Arc<AtomicBool>> {
+        self.inflight
+            .iter()
+            .find(|layer| layer.seq == seq)
+            .map(|layer| Arc::clone(&layer.queued))
     }
 
     /// True if a commit may be prepared now: fewer than [`COMMITS_IN_FLIGHT`]
@@ -1091,7 +1104,7 @@ impl NodeState {
             && self
                 .inflight
                 .iter()
-                .all(|layer| layer.queued && !layer.failed)
+                .all(|layer| layer.queued.load(Ordering::Acquire) && !layer.failed)
     }
 
     /// True if commit `seq` is the oldest one in flight whose outcome is not

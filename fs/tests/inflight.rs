@@ -42,6 +42,8 @@ struct Gate {
     queue_early: AtomicBool,
     order: Mutex<()>,
     queued_arrivals: Mutex<Option<mpsc::Sender<()>>>,
+    queued_armed: AtomicU64,
+    queued_hold: Mutex<Option<(mpsc::Sender<()>, mpsc::Receiver<()>)>>,
 }
 
 impl Gate {
@@ -52,6 +54,19 @@ impl Gate {
         let (go, go_rx) = mpsc::channel();
         *self.read_hold.lock().unwrap() = Some((arrived_tx, go_rx));
         self.read_armed.store(inode, Ordering::SeqCst);
+        (arrived, go)
+    }
+}
+
+impl Gate {
+    /// Holds the real store's report that the next batch of `inode` is
+    /// queued (it has its place in the log and counts as proposed) until the
+    /// test sends on the returned sender; the receiver hears when it is held.
+    fn hold_queued(&self, inode: u64) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+        let (arrived_tx, arrived) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel();
+        *self.queued_hold.lock().unwrap() = Some((arrived_tx, go_rx));
+        self.queued_armed.store(inode, Ordering::SeqCst);
         (arrived, go)
     }
 }
@@ -109,6 +124,21 @@ impl SectorService for Gate {
         batch: SectorBatch,
         queued: &mut dyn FnMut(),
     ) -> Result<(), ServiceError> {
+        let armed = self.queued_armed.load(Ordering::SeqCst);
+        if batch
+            .files
+            .iter()
+            .any(|file| file.meta.body().ids.inode == armed)
+            && self.queued_armed.swap(0, Ordering::SeqCst) == armed
+            && let Some((arrived, go)) = self.queued_hold.lock().unwrap().take()
+        {
+            let mut held = || {
+                arrived.send(()).unwrap();
+                go.recv().unwrap();
+                queued();
+            };
+            return self.inner.write_queued(batch, &mut held);
+        }
         if !self.queue_early.load(Ordering::SeqCst) {
             let written = self.write(batch);
             queued();
@@ -230,6 +260,8 @@ fn gated(
         queue_early: AtomicBool::new(false),
         order: Mutex::new(()),
         queued_arrivals: Mutex::new(None),
+        queued_armed: AtomicU64::new(0),
+        queued_hold: Mutex::new(None),
     });
     let fs = FileSystem::new(gate.clone(), domain.creds.clone(), config.clone()).unwrap();
     (fs, gate, arrived, verdict)
@@ -583,4 +615,65 @@ fn a_second_commit_in_flight_lands_on_the_first() {
 #[test]
 fn a_second_commit_in_flight_is_refused_with_the_first_and_nothing_is_lost() {
     two_commits_in_flight(false);
+}
+
+/// The store reports a batch queued while it counts the batch as proposed,
+/// and a reader of the same file waits in the store for that count to come
+/// down. A write into part of a sector reads the rest of it holding the
+/// file's lock, so the report must not need that lock, or neither the write
+/// nor the commit ever finishes.
+#[test]
+fn a_partial_write_reading_the_store_while_a_commit_is_queued_finishes() {
+    let domain = Domain::new();
+    // No sector cache: the partial write must read its sector from the store.
+    let config = FsConfig {
+        dirty_limit: DIRTY_LIMIT,
+        cache_seconds: 0,
+        ..FsConfig::default()
+    };
+    let (fs, gate, _, _) = gated(&domain, &config);
+    let fs = Arc::new(fs);
+    let (ino, fh, mut model) = stored_file(&fs, "queued-reader");
+    let (arrived, go) = gate.hold_queued(ino);
+    let (done_tx, done) = mpsc::channel();
+    let big = pattern(DIRTY_LIMIT + 4096, 3);
+    let patch = pattern(100, 9);
+    model_write(&mut model, 1 << 20, &big);
+    model_write(&mut model, 10, &patch);
+    // Threads of their own, not scoped: a deadlock fails the test below
+    // instead of hanging it.
+    let committer = {
+        let (fs, done_tx, big) = (fs.clone(), done_tx.clone(), big.clone());
+        std::thread::spawn(move || {
+            let written = fs.write(fh, 1 << 20, &big);
+            done_tx
+                .send(("the committing write", written.is_ok()))
+                .unwrap();
+        })
+    };
+    arrived
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the commit reached the store");
+    let partial = {
+        let (fs, patch) = (fs.clone(), patch.clone());
+        std::thread::spawn(move || {
+            let written = fs.write(fh, 10, &patch);
+            done_tx
+                .send(("the partial write", written.is_ok()))
+                .unwrap();
+        })
+    };
+    // The partial write now holds the file's lock and waits in the store.
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    go.send(()).unwrap();
+    for _ in 0..2 {
+        let (what, ok) = done
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("a write never finished: the queued report waited for the file's lock");
+        assert!(ok, "{what} failed");
+    }
+    committer.join().unwrap();
+    partial.join().unwrap();
+    check_read(&fs, fh, &model, 0, u32::MAX, "after both writes");
+    fs.release(fh).unwrap();
 }

@@ -155,7 +155,10 @@ pub trait SectorService: Send + Sync {
     /// same files written after that call is applied after this one (or not
     /// at all). A service that can, calls it before the batch is applied, so
     /// a caller may prepare and send a file's next batch while this one is
-    /// replicated; by default it is called once `write` returned.
+    /// replicated; by default it is called once `write` returned. `queued`
+    /// runs while the batch counts as proposed, and readers of its files wait
+    /// in the service until that count comes down: it must not wait for
+    /// anything such a reader may hold.
     fn write_queued(
         &self,
         batch: SectorBatch,
