@@ -1,9 +1,10 @@
 //! `blocktree`: the storage appliance's one binary.
 //!
-//! This file only parses the command line and reports the outcome; each
-//! subcommand family lives in its own module under [`cli`].
+//! This file sets up the heap ([`heap`]), parses the command line and reports
+//! the outcome; each subcommand family lives in its own module under [`cli`].
 
 mod cli;
+mod heap;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -47,6 +48,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    heap::tune();
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Up(args) => cli::up::run(args),
