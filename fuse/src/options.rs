@@ -7,6 +7,12 @@ use std::time::Duration;
 /// pages, the kernel's default `fs.fuse.max_pages_limit`.
 pub const MAX_IO: u32 = 1 << 20;
 
+/// The mount's readahead unless `-o readahead_kb=N` says otherwise: 4 MiB, so a
+/// sequential reader keeps up to four 1 MiB requests in flight for the worker
+/// threads to check and decrypt together. A cold 1 GiB read on the benchmark
+/// machine: 0.99–1.09 GB/s with 1 MiB, 1.11–1.14 GB/s with 4 MiB.
+pub const DEFAULT_READAHEAD_KIB: u32 = 4096;
+
 /// Worker threads serving requests unless `-o threads=N` says otherwise.
 pub const DEFAULT_THREADS: usize = 8;
 
@@ -35,7 +41,7 @@ pub struct MountOptions {
     pub writeback_cache: bool,
     /// Threads reading and serving requests concurrently (`threads=N`).
     pub threads: usize,
-    /// Readahead of the mount in KiB (`readahead_kb=N`, default 1024; 0 keeps the
+    /// Readahead of the mount in KiB (`readahead_kb=N`, default 4096; 0 keeps the
     /// kernel's 128). Set through sysfs after mounting, which needs root.
     pub readahead_kb: u32,
     /// How long the kernel may cache attributes (`attr_timeout=SECONDS`).
@@ -64,7 +70,7 @@ impl Default for MountOptions {
             auto_unmount: false,
             writeback_cache: true,
             threads: DEFAULT_THREADS,
-            readahead_kb: MAX_IO / 1024,
+            readahead_kb: DEFAULT_READAHEAD_KIB,
             attr_ttl: Duration::from_secs(1),
             entry_ttl: Duration::from_secs(1),
             negative_ttl: Duration::from_secs(1),

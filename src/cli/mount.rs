@@ -52,7 +52,7 @@ Mount options (-o, comma separated, repeatable):
   auto_unmount           unmount if the daemon dies (needs allow_other or allow_root)
   no_writeback_cache     no kernel writeback cache (on by default unless ro)
   threads=N              requests served at once (default 8)
-  readahead_kb=N         readahead of the mount (default 1024 when run as root; 0 = kernel's)
+  readahead_kb=N         readahead of the mount (default 4096 when run as root; 0 = kernel's)
   attr_timeout=S         seconds the kernel caches attributes (default 1)
   entry_timeout=S        seconds the kernel caches names (default 1)
   negative_timeout=S     seconds the kernel caches missing names (default 1, 0 = off)
