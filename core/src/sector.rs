@@ -241,8 +241,16 @@ impl SectorOpener {
                 actual: plaintext.len(),
             });
         }
-        let (header, rest) = record.split_at(RECORD_HEADER_LEN);
-        let (ciphertext, tag) = rest.split_at(expected);
+        let (key, nonce) = self.key_and_nonce(record)?;
+        let (ciphertext, tag) = record[RECORD_HEADER_LEN..].split_at(expected);
+        key.open_separate_gather(nonce, Aad::from(id.to_bytes()), ciphertext, tag, plaintext)
+            .map_err(|_| SealError::Tampered(*id))
+    }
+
+    /// The key and nonce a record's header names; the record is at least
+    /// [`RECORD_OVERHEAD`] bytes.
+    fn key_and_nonce(&self, record: &[u8]) -> Result<(&LessSafeKey, Nonce), SealError> {
+        let header = &record[..RECORD_HEADER_LEN];
         if header[0] != RECORD_VERSION {
             return Err(SealError::UnsupportedVersion(header[0]));
         }
@@ -253,8 +261,7 @@ impl SectorOpener {
             .ok_or(SealError::UnknownEpoch(epoch))?;
         let nonce =
             Nonce::try_assume_unique_for_key(&header[5..]).map_err(|_| SealError::Internal)?;
-        key.open_separate_gather(nonce, Aad::from(id.to_bytes()), ciphertext, tag, plaintext)
-            .map_err(|_| SealError::Tampered(*id))
+        Ok((key, nonce))
     }
 
     /// [`SectorOpener::open`] into a new vector.
@@ -262,6 +269,29 @@ impl SectorOpener {
         let mut plaintext = vec![0u8; Self::plaintext_len(record.len())?];
         self.open(id, record, &mut plaintext)?;
         Ok(plaintext)
+    }
+
+    /// [`SectorOpener::open`] in the record's own buffer, which becomes the
+    /// plaintext: a reader that owns the records it fetched opens each without
+    /// allocating (and zeroing) a second buffer. A record that fails to open is
+    /// consumed.
+    pub fn open_in_place(&self, id: &SectorId, mut record: Vec<u8>) -> Result<Vec<u8>, SealError> {
+        let expected = Self::plaintext_len(record.len())?;
+        let (key, nonce) = self.key_and_nonce(&record)?;
+        let opened = key
+            .open_within(
+                nonce,
+                Aad::from(id.to_bytes()),
+                &mut record,
+                RECORD_HEADER_LEN..,
+            )
+            .map_err(|_| SealError::Tampered(*id))?
+            .len();
+        if opened != expected {
+            return Err(SealError::Internal);
+        }
+        record.truncate(opened);
+        Ok(record)
     }
 }
 
@@ -287,7 +317,15 @@ mod tests {
         let record = sealer.seal_to_vec(&id(9), &plaintext).unwrap();
         assert_eq!(opener.open_to_vec(&id(9), &record).unwrap(), plaintext);
         assert_eq!(
+            opener.open_in_place(&id(9), record.clone()).unwrap(),
+            plaintext
+        );
+        assert_eq!(
             opener.open_to_vec(&id(10), &record),
+            Err(SealError::Tampered(id(10)))
+        );
+        assert_eq!(
+            opener.open_in_place(&id(10), record.clone()),
             Err(SealError::Tampered(id(10)))
         );
         for index in [RECORD_HEADER_LEN, 100, record.len() - 1] {
@@ -296,6 +334,16 @@ mod tests {
             assert_eq!(
                 opener.open_to_vec(&id(9), &tampered),
                 Err(SealError::Tampered(id(9)))
+            );
+            assert_eq!(
+                opener.open_in_place(&id(9), tampered),
+                Err(SealError::Tampered(id(9)))
+            );
+        }
+        for short in [0, RECORD_HEADER_LEN, RECORD_OVERHEAD - 1] {
+            assert_eq!(
+                opener.open_in_place(&id(9), record[..short].to_vec()),
+                Err(SealError::Truncated(short))
             );
         }
         let mut other_epoch = record.clone();
