@@ -83,42 +83,86 @@ pub fn parallel_map_chunks<T: Sync, R: Send>(
     bytes: usize,
     work: impl Fn(&[T]) -> Vec<R> + Sync,
 ) -> Vec<R> {
-    if bytes < PARALLEL_BYTES || items.len() < 2 {
-        return work(items);
-    }
-    // Asked once: the answer reads cgroup files, too slow for every batch.
-    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    let threads =
-        *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-    if threads < 2 {
-        return work(items);
-    }
-    // Under concurrent load (an NBD client's queue of reads, several writers)
-    // the callers keep the cores busy already: a second map runs on its own
-    // thread rather than spawn helpers that would only take turns with it.
-    let _active = match ActiveMap::enter() {
-        Some(active) => active,
-        None => return work(items),
-    };
-    let chunk = items.len().div_ceil(threads);
-    let (first, rest) = items.split_at(chunk.min(items.len()));
-    std::thread::scope(|scope| {
-        let work = &work;
-        // The caller takes the first chunk itself rather than wait idle: one
-        // thread fewer to spawn for every batch and every large read.
-        let handles: Vec<_> = rest
-            .chunks(chunk)
-            .map(|part| scope.spawn(move || work(part)))
-            .collect();
-        let mut results = work(first);
-        for handle in handles {
-            match handle.join() {
-                Ok(part) => results.extend(part),
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
+    match Spread::start(items.len(), bytes) {
+        None => work(items),
+        Some(spread) => {
+            let chunks = items.chunks(spread.chunk).collect();
+            spread.run(chunks, &work)
         }
-        results
-    })
+    }
+}
+
+/// As [`parallel_map_chunks`], for work that consumes its items (opening
+/// fetched records in their own buffers): each thread's chunk is moved to it.
+pub fn parallel_map_owned<T: Send, R: Send>(
+    mut items: Vec<T>,
+    bytes: usize,
+    work: impl Fn(Vec<T>) -> Vec<R> + Sync,
+) -> Vec<R> {
+    match Spread::start(items.len(), bytes) {
+        None => work(items),
+        Some(spread) => {
+            let mut chunks = Vec::new();
+            while items.len() > spread.chunk {
+                let rest = items.split_off(spread.chunk);
+                chunks.push(std::mem::replace(&mut items, rest));
+            }
+            chunks.push(items);
+            spread.run(chunks, &work)
+        }
+    }
+}
+
+/// A parallel map that spreads its work over the cores, holding [`SPREADING`].
+struct Spread {
+    /// Items per thread.
+    chunk: usize,
+    _active: ActiveMap,
+}
+
+impl Spread {
+    /// `None` when the work stays on the calling thread: too small, one core,
+    /// or another map is spreading already. Under concurrent load (an NBD
+    /// client's queue of reads, several writers) the callers keep the cores
+    /// busy already: a second map runs on its own thread rather than spawn
+    /// helpers that would only take turns with it.
+    fn start(items: usize, bytes: usize) -> Option<Spread> {
+        if bytes < PARALLEL_BYTES || items < 2 {
+            return None;
+        }
+        // Asked once: the answer reads cgroup files, too slow for every batch.
+        static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let threads =
+            *THREADS.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        if threads < 2 {
+            return None;
+        }
+        Some(Spread {
+            chunk: items.div_ceil(threads),
+            _active: ActiveMap::enter()?,
+        })
+    }
+
+    /// Runs `work` on each of `chunks`, in order. The caller takes the first
+    /// chunk itself rather than wait idle: one thread fewer to spawn for every
+    /// batch and every large read.
+    fn run<C: Send, R: Send>(self, chunks: Vec<C>, work: &(impl Fn(C) -> Vec<R> + Sync)) -> Vec<R> {
+        let mut chunks = chunks.into_iter();
+        let Some(first) = chunks.next() else {
+            return Vec::new();
+        };
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = chunks.map(|part| scope.spawn(move || work(part))).collect();
+            let mut results = work(first);
+            for handle in handles {
+                match handle.join() {
+                    Ok(part) => results.extend(part),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            results
+        })
+    }
 }
 
 /// Whether a parallel map is spreading its work over the cores now: at most
@@ -169,6 +213,12 @@ mod tests {
         );
         let small = parallel_map(&items[..3], 0, |item| item + 1);
         assert_eq!(small, vec![1, 2, 3]);
+        let owned = parallel_map_owned(items.clone(), PARALLEL_BYTES * 4, |part| {
+            part.into_iter().map(|item| item + 1).collect()
+        });
+        assert_eq!(owned, (1..1002).collect::<Vec<u32>>());
+        let owned_small = parallel_map_owned(vec![7u32], PARALLEL_BYTES * 4, |part| part);
+        assert_eq!(owned_small, vec![7]);
     }
 
     #[test]
