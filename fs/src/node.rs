@@ -27,7 +27,7 @@ use blocktree_core::readcap::FileIds;
 use blocktree_core::sector::{SectorId, SectorKind, SectorOpener, SectorSealer};
 use blocktree_core::time::Timestamp;
 use blocktree_core::writecap::RevocationList;
-use blocktree_raftlog::pieces::parallel_map_chunks;
+use blocktree_raftlog::pieces::{parallel_map_chunks, parallel_map_owned};
 use blocktree_raftlog::{FileWrite, ReadAccess, SectorService};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -1297,26 +1297,23 @@ impl SectorFetch {
         let records = ctx
             .service
             .read_data(first.ino, &indices, first.access.as_ref())?;
-        let work: Vec<(&SectorFetch, LeafOf, Option<Vec<u8>>)> = fetches
+        let work: Vec<(&SectorFetch, LeafOf, Vec<u8>)> = fetches
             .iter()
             .flat_map(|fetch| fetch.leaves.iter().map(move |leaf| (*fetch, *leaf)))
             .zip(records)
-            .map(|((fetch, leaf), record)| (fetch, leaf, record))
+            .map(|((fetch, leaf), record)| (fetch, leaf, record.unwrap_or_default()))
             .collect();
         // One node's fetches: one hash algorithm, so each core hashes its share of
-        // the records together.
+        // the records together, then opens each in its own buffer.
         let algorithm = first.algorithm;
-        let mut opened = parallel_map_chunks(&work, work.len() * first.sector_size, |part| {
-            let records: Vec<&[u8]> = part
-                .iter()
-                .map(|(_, _, record)| record.as_deref().unwrap_or(&[]))
-                .collect();
+        let bytes = work.len() * first.sector_size;
+        let mut opened = parallel_map_owned(work, bytes, |part| {
+            let records: Vec<&[u8]> = part.iter().map(|(_, _, record)| &record[..]).collect();
             let hashed = MerkleTree::leaf_hashes(algorithm, &records);
-            part.iter()
-                .zip(records)
+            part.into_iter()
                 .zip(hashed)
-                .map(|(((fetch, (index, leaf), _), record), hashed)| {
-                    fetch.verify_and_open(*index, leaf, &hashed, record)
+                .map(|((fetch, (index, leaf), record), hashed)| {
+                    fetch.verify_and_open(index, &leaf, &hashed, record)
                 })
                 .collect()
         })
@@ -1335,13 +1332,13 @@ impl SectorFetch {
     }
 
     /// Checks that `record` (empty for a hole), whose leaf hash is `hashed`, is the
-    /// one the signed `leaf` names, and opens it.
+    /// one the signed `leaf` names, and opens it in its own buffer.
     fn verify_and_open(
         &self,
         index: u64,
         leaf: &Digest,
         hashed: &Digest,
-        record: &[u8],
+        record: Vec<u8>,
     ) -> FsResult<Vec<u8>> {
         let id = SectorId {
             generation: self.generation,
@@ -1359,9 +1356,9 @@ impl SectorFetch {
         }
         let plaintext = match &self.opener {
             Some(opener) => opener
-                .open_to_vec(&id, record)
+                .open_in_place(&id, record)
                 .map_err(|error| FsError::unverified(id, error))?,
-            None => record.to_vec(),
+            None => record,
         };
         if plaintext.len() != self.sector_size {
             return Err(FsError::unverified(id, "wrong length"));
