@@ -11,7 +11,7 @@
 //! returned when freed, so they cannot strand heap memory: with a 32 MiB mmap
 //! threshold instead, btfuse's peak RSS in its write benchmark rose by about
 //! 20 MiB at the same speed. jemalloc and mimalloc (preloaded) each held
-//! 120–250 MiB more at peak. BENCHMARKS.md has the runs.
+//! 123–247 MiB more at peak. BENCHMARKS.md has the runs.
 
 /// Allocations up to this size come from the heap and are reused once freed: a
 /// 1 MiB request and its header, with room.
