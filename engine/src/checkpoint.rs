@@ -37,6 +37,14 @@ pub(crate) const HEAD_FILE: &str = "checkpoint";
 
 /// What a shard's checkpoint holds.
 pub struct ShardCheckpoint {
+    pub(crate) head: CheckpointHead,
+    pub(crate) index: Index,
+}
+
+/// A shard checkpoint's fields besides its index. A shard encodes them with
+/// its index in place ([`CheckpointHead::encode_with`]), so taking a
+/// checkpoint does not copy the index.
+pub(crate) struct CheckpointHead {
     pub(crate) epoch: u64,
     /// Segments from this number on are the log tail, to be scanned.
     pub(crate) replay_segment: u32,
@@ -46,7 +54,35 @@ pub struct ShardCheckpoint {
     pub(crate) synced_through: u64,
     /// Live on-disk bytes of each segment before `replay_segment`.
     pub(crate) segments: BTreeMap<u32, u64>,
-    pub(crate) index: Index,
+}
+
+impl CheckpointHead {
+    /// Encodes a checkpoint of `index` with these fields.
+    pub(crate) fn encode_with(&self, index: &Index) -> Vec<u8> {
+        let entries = index.len();
+        let mut out = Vec::with_capacity(
+            HEADER_LEN + self.segments.len() * SEGMENT_LEN + entries * ENTRY_LEN + 4,
+        );
+        out.extend_from_slice(&SHARD_MAGIC);
+        out.extend_from_slice(&self.epoch.to_le_bytes());
+        out.extend_from_slice(&self.replay_segment.to_le_bytes());
+        out.extend_from_slice(&(self.segments.len() as u32).to_le_bytes());
+        out.extend_from_slice(&self.next_sequence.to_le_bytes());
+        out.extend_from_slice(&self.synced_through.to_le_bytes());
+        out.extend_from_slice(&(entries as u64).to_le_bytes());
+        out.extend_from_slice(&self.replay_offset.to_le_bytes());
+        for (id, live) in &self.segments {
+            out.extend_from_slice(&id.to_le_bytes());
+            out.extend_from_slice(&live.to_le_bytes());
+        }
+        index.for_each_packed(|key, packed| {
+            out.extend_from_slice(key);
+            out.extend_from_slice(packed);
+        });
+        let crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
 }
 
 /// The path of shard `shard_dir`'s checkpoint of `epoch`.
@@ -67,7 +103,7 @@ fn le_u64(bytes: &[u8], at: usize) -> u64 {
 impl ShardCheckpoint {
     /// The epoch this checkpoint belongs to.
     pub fn epoch(&self) -> u64 {
-        self.epoch
+        self.head.epoch
     }
 
     /// The number of index entries it holds.
@@ -77,29 +113,7 @@ impl ShardCheckpoint {
 
     /// Encodes the checkpoint.
     pub fn encode(&self) -> Vec<u8> {
-        let entries = self.index.len();
-        let mut out = Vec::with_capacity(
-            HEADER_LEN + self.segments.len() * SEGMENT_LEN + entries * ENTRY_LEN + 4,
-        );
-        out.extend_from_slice(&SHARD_MAGIC);
-        out.extend_from_slice(&self.epoch.to_le_bytes());
-        out.extend_from_slice(&self.replay_segment.to_le_bytes());
-        out.extend_from_slice(&(self.segments.len() as u32).to_le_bytes());
-        out.extend_from_slice(&self.next_sequence.to_le_bytes());
-        out.extend_from_slice(&self.synced_through.to_le_bytes());
-        out.extend_from_slice(&(entries as u64).to_le_bytes());
-        out.extend_from_slice(&self.replay_offset.to_le_bytes());
-        for (id, live) in &self.segments {
-            out.extend_from_slice(&id.to_le_bytes());
-            out.extend_from_slice(&live.to_le_bytes());
-        }
-        self.index.for_each_packed(|key, packed| {
-            out.extend_from_slice(key);
-            out.extend_from_slice(packed);
-        });
-        let crc = crc32c::crc32c(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out
+        self.head.encode_with(&self.index)
     }
 
     /// Decodes and checks a checkpoint; any damage is an error, never a panic.
@@ -140,12 +154,14 @@ impl ShardCheckpoint {
             index.insert_packed(key, packed);
         }
         Ok(ShardCheckpoint {
-            epoch: le_u64(body, 8),
-            replay_segment: le_u32(body, 16),
-            replay_offset: le_u64(body, 48),
-            next_sequence: le_u64(body, 24),
-            synced_through: le_u64(body, 32),
-            segments: segment_map,
+            head: CheckpointHead {
+                epoch: le_u64(body, 8),
+                replay_segment: le_u32(body, 16),
+                replay_offset: le_u64(body, 48),
+                next_sequence: le_u64(body, 24),
+                synced_through: le_u64(body, 32),
+                segments: segment_map,
+            },
             index,
         })
     }
@@ -223,21 +239,23 @@ mod tests {
             );
         }
         let checkpoint = ShardCheckpoint {
-            epoch: 3,
-            replay_segment: 9,
-            replay_offset: 8192,
-            next_sequence: 77,
-            synced_through: 76,
-            segments: BTreeMap::from([(1, 100), (4, 200)]),
+            head: CheckpointHead {
+                epoch: 3,
+                replay_segment: 9,
+                replay_offset: 8192,
+                next_sequence: 77,
+                synced_through: 76,
+                segments: BTreeMap::from([(1, 100), (4, 200)]),
+            },
             index,
         };
         let bytes = checkpoint.encode();
         let decoded = ShardCheckpoint::decode(&bytes).unwrap();
-        assert_eq!(decoded.epoch, 3);
-        assert_eq!(decoded.replay_segment, 9);
-        assert_eq!(decoded.replay_offset, 8192);
-        assert_eq!(decoded.next_sequence, 77);
-        assert_eq!(decoded.segments, checkpoint.segments);
+        assert_eq!(decoded.head.epoch, 3);
+        assert_eq!(decoded.head.replay_segment, 9);
+        assert_eq!(decoded.head.replay_offset, 8192);
+        assert_eq!(decoded.head.next_sequence, 77);
+        assert_eq!(decoded.head.segments, checkpoint.head.segments);
         assert_eq!(decoded.index.len(), 50);
         assert_eq!(decoded.index.get(&[7; 16]).unwrap().offset, 112);
         for cut in [0, 10, bytes.len() - 1] {

@@ -207,11 +207,11 @@ fn scan_shard(
         let bytes = fs::read(&path).map_err(EngineError::io("reading checkpoint", &path))?;
         let loaded = ShardCheckpoint::decode(&bytes)
             .map_err(|reason| EngineError::Damaged { path, reason })?;
-        replay_segment = loaded.replay_segment;
-        replay_offset = loaded.replay_offset;
-        scan.last_sequence = loaded.next_sequence.saturating_sub(1);
-        scan.synced_through = loaded.synced_through;
-        live = loaded.segments;
+        replay_segment = loaded.head.replay_segment;
+        replay_offset = loaded.head.replay_offset;
+        scan.last_sequence = loaded.head.next_sequence.saturating_sub(1);
+        scan.synced_through = loaded.head.synced_through;
+        live = loaded.head.segments;
         base = loaded.index;
     }
     let mut segments = BTreeMap::new();

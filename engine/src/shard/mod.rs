@@ -32,7 +32,7 @@ mod wake;
 pub(crate) use cached::{Cached, ShardView};
 pub(crate) use wake::{ShardHandle, Wake};
 
-use crate::checkpoint::{self, ShardCheckpoint};
+use crate::checkpoint::{self, CheckpointHead};
 use crate::engine::{Done, EngineConfig};
 use crate::error::EngineError;
 use crate::index::{Loc, MAX_SEGMENT};
@@ -539,7 +539,7 @@ impl Shard {
             None => (self.next_segment, 0),
         };
         self.last_snapshot = Some((epoch, replay_segment));
-        let snapshot = ShardCheckpoint {
+        let head = CheckpointHead {
             epoch,
             replay_segment,
             replay_offset,
@@ -550,13 +550,17 @@ impl Shard {
                 .iter()
                 .map(|(id, s)| (*id, s.live_bytes))
                 .collect(),
-            index: self.view.index().clone(),
         };
+        // Encoded here, from the index in place: a copy of the index for the
+        // writer thread to encode was, with the encoding, the largest transient
+        // allocation of a busy store (heaptrack of an NBD random write: 14 MiB
+        // at the process's peak).
+        let encoded = head.encode_with(&self.view.index());
         let path = checkpoint::shard_path(&self.dir, epoch);
         let writer = std::thread::Builder::new()
             .name("btengine-checkpoint".into())
             .spawn(move || {
-                let result = crate::durable::write_durably(&path, &snapshot.encode());
+                let result = crate::durable::write_durably(&path, &encoded);
                 let _ = reply.send(result);
             });
         if let Err(error) = writer {
