@@ -186,6 +186,15 @@ pub trait Signer {
     fn principal(&self) -> PrincipalId {
         self.public_key().principal()
     }
+    /// Whether a signature just made by this signer verifies under
+    /// [`Signer::public_key`] by construction, so that checking it again in the
+    /// same process would only repeat the arithmetic: true for a key pair held
+    /// in this process, whose public key is derived from its private key; false
+    /// (the default) for signers outside it, such as a TPM, whose signatures are
+    /// checked like anyone's.
+    fn signs_in_process(&self) -> bool {
+        false
+    }
 }
 
 impl Signer for SigningKeyPair {
@@ -194,6 +203,9 @@ impl Signer for SigningKeyPair {
     }
     fn sign(&self, message: &[u8]) -> Result<Signature, CryptoError> {
         SigningKeyPair::sign(self, message)
+    }
+    fn signs_in_process(&self) -> bool {
+        true
     }
 }
 

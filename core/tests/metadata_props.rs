@@ -11,7 +11,10 @@ use blocktree_core::BtPath;
 use blocktree_core::aead::SymmetricKey;
 use blocktree_core::encoding::{self, DecodeError, Kind};
 use blocktree_core::hash::HashAlgorithm;
-use blocktree_core::keys::{CryptoError, EncryptionKeyPair, SIGNATURE_LEN, SigningKeyPair};
+use blocktree_core::keys::{
+    CryptoError, EncryptionKeyPair, SIGNATURE_LEN, Signature, Signer, SigningKeyPair,
+    SigningPublicKey,
+};
 use blocktree_core::metadata::{
     FileMeta, FileTime, KeyState, MetaBody, MetaError, MetaSecrets, SecretsPart, VerifiedSignatures,
 };
@@ -739,6 +742,47 @@ fn still_judged_on_time_revocation_and_place(meta: &FileMeta, cache: &VerifiedSi
         meta.verify_cached(cache, &fixture.sibling, NOW, &nobody_revoked())
             .is_err()
     );
+}
+
+/// A signer outside this process (as a TPM is), here one whose signatures do
+/// not verify under the key it names: the writer's key, signing with another.
+struct Elsewhere<'a> {
+    claims: &'a SigningKeyPair,
+    signs_with: &'a SigningKeyPair,
+}
+
+impl Signer for Elsewhere<'_> {
+    fn public_key(&self) -> SigningPublicKey {
+        *self.claims.public()
+    }
+    fn sign(&self, message: &[u8]) -> Result<Signature, CryptoError> {
+        self.signs_with.sign(message)
+    }
+}
+
+#[test]
+fn metadata_signed_here_skips_only_its_own_signature_check() {
+    let fixture = &*FIXTURE;
+    let built = build(&sample_plan(true));
+    verify(&built.meta).unwrap();
+    // Decoded, it is the same metadata and its signature is checked for real.
+    let decoded = round_trip(&built.meta);
+    assert_eq!(decoded, built.meta);
+    verify(&decoded).unwrap();
+    // Time, revocation and place are judged as for any metadata.
+    still_judged_on_time_revocation_and_place(&built.meta, &VerifiedSignatures::new(4, 4));
+    // A signer from elsewhere is checked even on the metadata it just signed.
+    let elsewhere = Elsewhere {
+        claims: &fixture.writer,
+        signs_with: &fixture.other_writer,
+    };
+    let forged = FileMeta::sign(built.meta.into_body(), &elsewhere).unwrap();
+    assert!(matches!(verify(&forged), Err(MetaError::BadSignature)));
+    let cache = VerifiedSignatures::new(4, 4);
+    assert!(matches!(
+        forged.verify_cached(&cache, &fixture.directory, NOW, &nobody_revoked()),
+        Err(MetaError::BadSignature)
+    ));
 }
 
 #[test]

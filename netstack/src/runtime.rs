@@ -124,6 +124,10 @@ impl Signer for StoreSigner {
     fn sign(&self, message: &[u8]) -> Result<Signature, CryptoError> {
         Ok(self.0.sign(message)?)
     }
+
+    fn signs_in_process(&self) -> bool {
+        self.0.signs_in_process()
+    }
 }
 
 /// What a runtime knows of the peers it can dial: where each listens and which

@@ -413,6 +413,11 @@ impl CredStore for FileCredStore {
         Ok(self.signing.sign(message)?)
     }
 
+    fn signs_in_process(&self) -> bool {
+        // The runtime key pair is held in memory (a SigningKeyPair).
+        true
+    }
+
     fn hpke_open(
         &self,
         sealed: &HpkeSealed,

@@ -168,6 +168,11 @@ pub trait CredStore: Send + Sync {
     }
     /// Signs with the runtime key.
     fn sign(&self, message: &[u8]) -> Result<Signature, CredStoreError>;
+    /// Whether the runtime key is held in this process, so that its signatures
+    /// verify by construction ([`Signer::signs_in_process`]); false by default.
+    fn signs_in_process(&self) -> bool {
+        false
+    }
     /// Opens an HPKE ciphertext addressed to the runtime encryption key.
     fn hpke_open(
         &self,
@@ -210,5 +215,8 @@ impl Signer for RuntimeSigner<'_> {
     }
     fn sign(&self, message: &[u8]) -> Result<Signature, CryptoError> {
         Ok(self.0.sign(message)?)
+    }
+    fn signs_in_process(&self) -> bool {
+        self.0.signs_in_process()
     }
 }
