@@ -15,13 +15,17 @@ use crate::attr::{
 use crate::authorizer;
 use crate::dir::{self, DIR_SECTOR_SIZE, Entry, NAME_MAX};
 use crate::error::{FsError, FsResult};
-use crate::node::{Ctx, NodeKeys, NodeState, ParentInfo, Presealed, ReadPlan, SectorFetch};
+use crate::node::{
+    Ctx, NodeKeys, NodeState, ParentInfo, Presealed, ReadPlan, SectorFetch, Tombstone,
+};
 use blocktree_core::aead::{SymmetricKey, random_fill};
 use blocktree_core::credstore::CredStore;
 use blocktree_core::hash::HashAlgorithm;
 use blocktree_core::keys::EncryptionPublicKey;
 use blocktree_core::merkle::MerkleTree;
-use blocktree_core::metadata::{KeyState, MetaBody, MetaSecrets, SecretsPart, VerifiedSignatures};
+use blocktree_core::metadata::{
+    FileMeta, KeyState, MetaBody, MetaSecrets, SecretsPart, VerifiedSignatures,
+};
 use blocktree_core::readcap::{EpochKeyTable, FileIds, ParentTable, ReadcapTable, SALT_LEN};
 use blocktree_core::sector::SectorId;
 use blocktree_core::time::Timestamp;
@@ -31,7 +35,7 @@ use blocktree_raftlog::{SectorBatch, SectorService};
 use crossbeam_channel::Receiver;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// The xattr of a directory that sets whether files created in it are encrypted
@@ -93,17 +97,24 @@ type NodeRef = Arc<Mutex<NodeState>>;
 #[derive(Default)]
 struct Pending {
     nodes: BTreeMap<u64, NodeRef>,
-    tombstones: Vec<blocktree_core::metadata::FileMeta>,
-    /// Inodes deleted in memory: the store may still hold them until the commit.
+    tombstones: Vec<Tombstone>,
+    /// Inodes deleted in memory: the store may still hold them until the commit
+    /// that deletes them has ended (so they stay here while it is in flight).
     deleted: std::collections::HashSet<u64>,
-    /// Inodes created since the last commit of the staged changes. A file under
-    /// such a directory cannot prove its readcap chain to the store yet.
+    /// Inodes created and not yet committed, or in a commit still in flight. A
+    /// file under such a directory cannot prove its readcap chain to the store yet.
     created: std::collections::HashSet<u64>,
     since: Option<Instant>,
 }
 
-/// Changed files that force a commit of the pending namespace changes.
+/// Changed files that make the pending namespace changes due for a commit.
 const PENDING_NODES: usize = 1024;
+/// Changed files at which an operation commits the pending changes itself
+/// rather than leave them to the background flusher: what bounds the staged
+/// changes while the flusher's commit is in flight.
+const PENDING_BACKLOG: usize = 4 * PENDING_NODES;
+/// How long ending a commit's nodes waits before it tries their locks again.
+const END_POLL: Duration = Duration::from_micros(50);
 /// New files up to this many buffered bytes wait for the staged commit on close.
 const SMALL_NEW_FILE: usize = 64 * 1024;
 
@@ -146,7 +157,15 @@ pub struct FileSystem {
     handles: Mutex<HashMap<u64, Handle>>,
     next_handle: AtomicU64,
     namespace: Mutex<()>,
+    /// Held by the commit of the staged changes under way, from taking them
+    /// until the store answered and its nodes know: such commits reach the
+    /// store one after another, in the order their changes were made.
+    namespace_commits: Mutex<()>,
     pending: Mutex<Pending>,
+    /// Wakes the background flusher ([`FileSystem::start_flusher`]), which
+    /// then commits the staged changes that came due, off the path of the
+    /// operation that made them due.
+    flusher: Arc<FlusherSignal>,
     /// Inodes other members of the sector service's cluster changed, announced
     /// as their writes apply here (`None`: nobody else writes).
     foreign: Option<crossbeam_channel::Receiver<u64>>,
@@ -266,7 +285,9 @@ impl FileSystem {
             handles: Mutex::new(HashMap::new()),
             next_handle: AtomicU64::new(1),
             namespace: Mutex::new(()),
+            namespace_commits: Mutex::new(()),
             pending: Mutex::new(Pending::default()),
+            flusher: Arc::new(FlusherSignal::default()),
             foreign: ctx_foreign,
             foreign_pending: Mutex::new(BTreeSet::new()),
             foreign_waiting: AtomicBool::new(false),
@@ -552,14 +573,14 @@ impl FileSystem {
     fn commit_together(
         &self,
         nodes: &mut [&mut NodeState],
-        removes: Vec<blocktree_core::metadata::FileMeta>,
+        removes: Vec<Tombstone>,
     ) -> FsResult<()> {
         let inos: Vec<u64> = nodes.iter().map(|node| node.ino).collect();
         self.stage_inos(&inos, removes);
         Ok(())
     }
 
-    fn stage_inos(&self, inos: &[u64], tombstones: Vec<blocktree_core::metadata::FileMeta>) {
+    fn stage_inos(&self, inos: &[u64], tombstones: Vec<Tombstone>) {
         let refs: Vec<(u64, NodeRef)> = {
             let nodes = lock(&self.nodes);
             inos.iter()
@@ -571,7 +592,7 @@ impl FileSystem {
             pending.nodes.insert(ino, node);
         }
         for tombstone in &tombstones {
-            pending.nodes.remove(&tombstone.body().ids.inode);
+            pending.nodes.remove(&tombstone.inode());
         }
         pending.tombstones.extend(tombstones);
         pending.since.get_or_insert_with(Instant::now);
@@ -584,10 +605,34 @@ impl FileSystem {
         pending.deleted.insert(ino);
     }
 
-    /// Commits the staged changes if enough have gathered or waited long enough.
-    /// A failure is logged and the changes stay staged: the operation that staged
-    /// them succeeded, and fsync or unmount reports the error.
+    /// Commits the staged changes if enough have gathered or waited long enough:
+    /// the background flusher does, when it runs, unless the staged changes
+    /// have reached [`PENDING_BACKLOG`]. A failure is logged and the changes
+    /// stay staged: the operation that staged them succeeded, and fsync or
+    /// unmount reports the error.
     fn after_change(&self) {
+        let (due, backlog) = {
+            let pending = lock(&self.pending);
+            let changed = pending.nodes.len() + pending.tombstones.len();
+            let due = changed >= PENDING_NODES
+                || pending
+                    .since
+                    .is_some_and(|since| since.elapsed() >= PENDING_AGE);
+            (due, changed >= PENDING_BACKLOG)
+        };
+        if !due {
+            return;
+        }
+        if !backlog && self.flusher.wake() {
+            return;
+        }
+        if let Err(error) = self.commit_pending() {
+            tracing::warn!("committing namespace changes failed, will retry: {error}");
+        }
+    }
+
+    /// Commits the staged changes if they are due (the flusher's round).
+    fn commit_if_due(&self) {
         let due = {
             let pending = lock(&self.pending);
             pending.nodes.len() + pending.tombstones.len() >= PENDING_NODES
@@ -601,30 +646,93 @@ impl FileSystem {
     }
 
     /// Commits every staged namespace and attribute change as one atomic batch.
+    ///
+    /// The changes are taken, and their nodes' parts of the batch prepared,
+    /// under the namespace lock and the nodes' locks; the batch then goes to
+    /// the store without them, so namespace operations go on while it is
+    /// verified, replicated and applied. What they change meanwhile is layered
+    /// over the commit in flight, as a file's writes are over its data commits;
+    /// an operation that changes what a commit installs (a node's metadata
+    /// body: its parents on unlink, link and rename) settles the node first.
+    /// Deletes are signed here, off the path of the operations that made them.
     pub fn commit_pending(&self) -> FsResult<()> {
-        let _namespace = lock(&self.namespace);
-        let Pending {
-            nodes,
+        let _in_order = lock(&self.namespace_commits);
+        let Some(flight) = self.begin_pending_commit()? else {
+            return Ok(());
+        };
+        let NamespaceCommit {
+            ends,
+            files,
             tombstones,
+            restage,
             deleted,
             created,
             since,
-        } = std::mem::take(&mut *lock(&self.pending));
-        if nodes.is_empty() && tombstones.is_empty() {
-            return Ok(());
+        } = flight;
+        let signed: FsResult<Vec<_>> = tombstones
+            .iter()
+            .cloned()
+            .map(|tombstone| tombstone.sign(&self.ctx))
+            .collect();
+        // Whatever happens in the store, the nodes must leave the in-flight
+        // state, or every later commit of them would wait forever.
+        let stored = signed.and_then(|removes| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.submit(SectorBatch { files, removes })
+            }))
+            .unwrap_or_else(|_| Err(FsError::Io("the store panicked taking a batch".into())))
+        });
+        {
+            let mut pending = lock(&self.pending);
+            if stored.is_ok() {
+                pending.deleted.retain(|ino| !deleted.contains(ino));
+                pending.created.retain(|ino| !created.contains(ino));
+            } else {
+                // Nothing was stored: stage it all again for the next try, but
+                // for the nodes deleted meanwhile (their deletes are staged).
+                for (ino, node) in restage {
+                    if !pending.deleted.contains(&ino) {
+                        pending.nodes.entry(ino).or_insert(node);
+                    }
+                }
+                pending.tombstones.extend(tombstones);
+                pending.since = since.or(pending.since);
+            }
         }
+        self.end_commits(ends, stored.is_ok());
+        stored
+    }
+
+    /// Takes the staged changes and prepares each node's part of their batch,
+    /// under the namespace lock and the nodes' locks; `None` if nothing is
+    /// staged. On an error, nothing is in flight and everything stays staged.
+    fn begin_pending_commit(&self) -> FsResult<Option<NamespaceCommit>> {
+        let _namespace = lock(&self.namespace);
+        let (nodes, tombstones, deleted, created, since) = {
+            let mut pending = lock(&self.pending);
+            if pending.nodes.is_empty() && pending.tombstones.is_empty() {
+                return Ok(None);
+            }
+            (
+                std::mem::take(&mut pending.nodes),
+                std::mem::take(&mut pending.tombstones),
+                pending.deleted.clone(),
+                pending.created.clone(),
+                pending.since.take(),
+            )
+        };
         // In inode order, like every multi-node lock here. Waiting for one
         // node's commit in flight while holding others is safe: that commit
         // needs only its own node's lock to finish.
         let mut guards: Vec<MutexGuard<'_, NodeState>> =
             nodes.values().map(|node| lock_settled(node)).collect();
-        let mut writes = Vec::new();
+        let mut prepared = Vec::new();
         let mut failure = None;
         for (index, guard) in guards.iter_mut().enumerate() {
             match guard.prepare_commit(&self.ctx) {
                 Ok(Some(write)) => {
-                    guard.begin_commit();
-                    writes.push((index, write));
+                    let seq = guard.begin_commit();
+                    prepared.push((index, seq, write));
                 }
                 Ok(None) => {}
                 Err(error) => {
@@ -633,42 +741,64 @@ impl FileSystem {
                 }
             }
         }
-        let result = match failure {
-            Some(error) => Err(error),
-            None => {
-                let metas: Vec<_> = writes
-                    .iter()
-                    .map(|(index, write)| (*index, write.meta.clone()))
-                    .collect();
-                let batch = SectorBatch {
-                    files: writes.into_iter().map(|(_, write)| write).collect(),
-                    removes: tombstones.clone(),
+        if let Some(error) = failure {
+            for guard in guards.iter_mut() {
+                guard.abort_commit();
+            }
+            drop(guards);
+            let mut pending = lock(&self.pending);
+            for (ino, node) in nodes {
+                pending.nodes.entry(ino).or_insert(node);
+            }
+            pending.tombstones.extend(tombstones);
+            pending.since = since.or(pending.since);
+            return Err(error);
+        }
+        drop(guards);
+        let refs: Vec<&NodeRef> = nodes.values().collect();
+        let mut ends = Vec::with_capacity(prepared.len());
+        let mut files = Vec::with_capacity(prepared.len());
+        for (index, seq, write) in prepared {
+            ends.push((Arc::clone(refs[index]), seq, write.meta.clone()));
+            files.push(write);
+        }
+        Ok(Some(NamespaceCommit {
+            ends,
+            files,
+            tombstones,
+            restage: nodes,
+            deleted,
+            created,
+            since,
+        }))
+    }
+
+    /// Ends the commits of a batch's nodes as the store answered, one node at a
+    /// time and without waiting for any node's lock: a namespace operation may
+    /// hold one of them while it waits for another's commit to end (a settle),
+    /// and each node's commit is the oldest in flight, as the node was settled
+    /// when it began.
+    fn end_commits(&self, mut ends: Vec<(NodeRef, u64, FileMeta)>, stored: bool) {
+        while !ends.is_empty() {
+            let before = ends.len();
+            ends.retain(|(node_ref, seq, meta)| {
+                let mut node = match node_ref.try_lock() {
+                    Ok(node) => node,
+                    Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) => return true,
                 };
-                self.submit(batch).map(|()| metas)
-            }
-        };
-        match result {
-            Ok(metas) => {
-                for (index, meta) in metas {
-                    guards[index].finish_commit(&self.ctx, meta);
+                if !node.is_next_to_end(*seq) {
+                    return true;
                 }
-                Ok(())
-            }
-            Err(error) => {
-                for guard in guards.iter_mut() {
-                    guard.abort_commit();
+                if stored {
+                    node.finish_commit(&self.ctx, meta.clone());
+                } else {
+                    node.abort_commit();
                 }
-                drop(guards);
-                // Nothing was stored: stage it all again for the next try.
-                let mut pending = lock(&self.pending);
-                for (ino, node) in nodes {
-                    pending.nodes.entry(ino).or_insert(node);
-                }
-                pending.tombstones.extend(tombstones);
-                pending.deleted.extend(deleted);
-                pending.created.extend(created);
-                pending.since = since.or(pending.since);
-                Err(error)
+                false
+            });
+            if ends.len() == before {
+                std::thread::sleep(END_POLL);
             }
         }
     }
@@ -1077,7 +1207,7 @@ impl FileSystem {
         &self,
         dir: &mut NodeState,
         child: &mut NodeState,
-    ) -> FsResult<Option<Option<blocktree_core::metadata::FileMeta>>> {
+    ) -> FsResult<Option<Option<Tombstone>>> {
         let time = now();
         dir.secrets.mtime = time;
         dir.secrets.ctime = time;
@@ -1131,7 +1261,9 @@ impl FileSystem {
         authorizer::check(caller, &dir.secrets, AccessMask::WRITE_EXECUTE)?;
         let entry = entries.get(name).ok_or(FsError::NotFound)?;
         let child_ref = self.child(&dir, entry.inode)?;
-        let mut child = lock(&child_ref);
+        // Settled: its parents change, and whether it needs a tombstone
+        // depends on whether a commit of it in flight stores it.
+        let mut child = lock_settled(&child_ref);
         authorizer::check_sticky(caller, &dir.secrets, &child.secrets)?;
         match (want_dir, child.is_dir()) {
             (true, false) => return Err(FsError::NotDir),
@@ -1258,7 +1390,8 @@ impl FileSystem {
             return Err(FsError::NotPermitted("hard links to directories".into()));
         }
         let mut dir = lock(&dir_ref);
-        let mut child = lock(&child_ref);
+        // Settled: its parents change.
+        let mut child = lock_settled(&child_ref);
         if child.is_dir() {
             return Err(FsError::NotPermitted("hard links to directories".into()));
         }
@@ -1373,7 +1506,8 @@ impl FileSystem {
             ));
         }
         let source_ref = self.child(&old_dir, source.inode)?;
-        let mut source_node = lock(&source_ref);
+        // Settled, like the target below: their parents change.
+        let mut source_node = lock_settled(&source_ref);
         authorizer::check_sticky(caller, &old_dir.secrets, &source_node.secrets)?;
         if let Some(target) = target
             && target.inode == source.inode
@@ -1397,7 +1531,7 @@ impl FileSystem {
             }
             None => None,
         };
-        let mut target_node = target_ref.as_ref().map(|node| lock(node));
+        let mut target_node = target_ref.as_ref().map(|node| lock_settled(node));
         if let Some(target_node) = target_node.as_deref() {
             let new_dir: &NodeState = new_guard.as_deref().unwrap_or(&old_dir);
             authorizer::check_sticky(caller, &new_dir.secrets, &target_node.secrets)?;
@@ -1428,7 +1562,7 @@ impl FileSystem {
             .as_deref()
             .map(|node| (node.secrets.clone(), node.body.clone()));
 
-        let result = (|| -> FsResult<Option<Option<blocktree_core::metadata::FileMeta>>> {
+        let result = (|| -> FsResult<Option<Option<Tombstone>>> {
             let time = now();
             let mut tombstone = None;
             match mode {
@@ -2049,9 +2183,13 @@ impl FileSystem {
     /// Closes a handle: commits, and deletes the file if it was its last link.
     pub fn release(&self, fh: u64) -> FsResult<()> {
         let handle = lock(&self.handles).remove(&fh).ok_or(FsError::BadHandle)?;
-        // Settled first: a file deleted here must not have a commit of its
-        // data still on its way to the store behind the tombstone.
-        let mut node = lock_settled(&handle.node);
+        let mut node = lock(&handle.node);
+        if node.secrets.nlink == 0 && node.handles <= 1 {
+            // Settled first: a file deleted here must not have a commit of its
+            // data still on its way to the store behind the tombstone, and
+            // whether it needs one depends on that commit.
+            node = settle(node);
+        }
         node.handles = node.handles.saturating_sub(1);
         if node.secrets.nlink == 0 && node.handles == 0 {
             let ino = node.ino;
@@ -2407,25 +2545,80 @@ impl FileSystem {
         Ok(self.ctx.service.flush()?)
     }
 
-    /// Commits staged namespace changes every [`PENDING_AGE`] from a background
-    /// thread while `fs` lives, so an idle mount does not hold changes longer.
+    /// Commits staged namespace changes from a background thread while `fs`
+    /// lives: every [`PENDING_AGE`], so an idle mount does not hold changes
+    /// longer, and as soon as an operation made them due
+    /// ([`FileSystem::after_change`]), so that operations do not wait for
+    /// commits. Without it, the operation that makes changes due commits them.
     pub fn start_flusher(fs: &Arc<FileSystem>) {
         let weak = Arc::downgrade(fs);
+        let signal = Arc::clone(&fs.flusher);
+        signal.running.store(true, Ordering::Release);
+        let thread_signal = Arc::clone(&signal);
         let spawned = std::thread::Builder::new()
             .name("btfs-flusher".into())
             .spawn(move || {
                 loop {
-                    std::thread::sleep(PENDING_AGE / 4);
+                    thread_signal.wait(PENDING_AGE / 4);
                     let Some(fs) = weak.upgrade() else {
                         return;
                     };
-                    fs.after_change();
+                    fs.commit_if_due();
                 }
             });
         if let Err(error) = spawned {
+            signal.running.store(false, Ordering::Release);
             tracing::warn!("no background flusher ({error}): changes commit on the next operation");
         }
     }
+}
+
+/// How operations wake the background flusher.
+#[derive(Default)]
+struct FlusherSignal {
+    /// A flusher thread runs.
+    running: AtomicBool,
+    /// A wake-up not yet taken.
+    woken: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl FlusherSignal {
+    /// Wakes the flusher; false if there is none.
+    fn wake(&self) -> bool {
+        if !self.running.load(Ordering::Acquire) {
+            return false;
+        }
+        *lock(&self.woken) = true;
+        self.wake.notify_one();
+        true
+    }
+
+    /// Waits for a wake-up, or `timeout`.
+    fn wait(&self, timeout: Duration) {
+        let woken = lock(&self.woken);
+        let mut woken = self
+            .wake
+            .wait_timeout_while(woken, timeout, |woken| !*woken)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+        *woken = false;
+    }
+}
+
+/// A commit of the staged changes between its nodes' `begin_commit` and the
+/// store's answer ([`FileSystem::commit_pending`]).
+struct NamespaceCommit {
+    /// Each node with a part in the batch, its commit's number and metadata.
+    ends: Vec<(NodeRef, u64, FileMeta)>,
+    files: Vec<blocktree_raftlog::FileWrite>,
+    tombstones: Vec<Tombstone>,
+    /// The staged nodes, staged again if the batch fails.
+    restage: BTreeMap<u64, NodeRef>,
+    /// The deleted and created inodes the batch covers.
+    deleted: std::collections::HashSet<u64>,
+    created: std::collections::HashSet<u64>,
+    since: Option<Instant>,
 }
 
 impl Drop for FileSystem {

@@ -1214,22 +1214,40 @@ impl NodeState {
         self.version += 1;
     }
 
-    /// The current metadata, signed afresh by us: what names this file in a
-    /// delete, proving the deleter's authority.
-    pub fn tombstone(&self, ctx: &Ctx) -> FsResult<FileMeta> {
+    /// The current metadata under our writecap: what names this file in a
+    /// delete once signed ([`Tombstone::sign`]), proving the deleter's authority.
+    pub fn tombstone(&self, ctx: &Ctx) -> FsResult<Tombstone> {
         let mut body = self.body.clone();
         body.writecap = ctx
             .creds
             .writecap()
             .cloned()
             .ok_or_else(|| FsError::ReadOnly("this runtime holds no writecap".into()))?;
-        Ok(FileMeta::sign(body, &RuntimeSigner(ctx.creds.as_ref()))?)
+        Ok(Tombstone(body))
     }
 
     /// Metadata-only change (chmod, xattr…): marks the secrets for the next commit.
     pub fn touch_ctime(&mut self) {
         self.secrets.ctime = now();
         self.meta_dirty = true;
+    }
+}
+
+/// A file's delete as staged: its metadata under the deleter's writecap, signed
+/// only when the batch that carries it is committed, off the path of the
+/// operation that deleted it (an unlink answers without an ECDSA signature).
+#[derive(Clone, Debug)]
+pub struct Tombstone(MetaBody);
+
+impl Tombstone {
+    /// The deleted file.
+    pub fn inode(&self) -> u64 {
+        self.0.ids.inode
+    }
+
+    /// The signed metadata the store takes as this delete.
+    pub fn sign(self, ctx: &Ctx) -> FsResult<FileMeta> {
+        Ok(FileMeta::sign(self.0, &RuntimeSigner(ctx.creds.as_ref()))?)
     }
 }
 

@@ -16,7 +16,7 @@ use blocktree_core::metadata::FileMeta;
 use blocktree_core::path::BtPath;
 use blocktree_core::sector::SectorId;
 use blocktree_fs::local::{Membership, ServiceOptions, open_service};
-use blocktree_fs::{FileSystem, FsConfig};
+use blocktree_fs::{FileSystem, FsConfig, RenameMode};
 use blocktree_raftlog::{ReadAccess, SectorBatch, SectorService, ServiceError};
 use common::*;
 use crossbeam_channel::Receiver;
@@ -25,9 +25,11 @@ use proptest::test_runner::{Config, TestRunner};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 /// Passes every call to the real store, except the first data write of the
-/// armed inode: that one waits for the test's verdict (true: store it). A read
+/// armed inode (a batch carrying any of its data sectors, a namespace commit
+/// with a small new file's data too): that one waits for the test's verdict (true: store it). A read
 /// of data can be held too (`hold_read`). With `queue_early`, a write is
 /// reported queued (`write_queued`) as it arrives, as the Raft store does, so
 /// the file's next commit begins while the held one waits; batches still
@@ -676,4 +678,103 @@ fn a_partial_write_reading_the_store_while_a_commit_is_queued_finishes() {
     partial.join().unwrap();
     check_read(&fs, fh, &model, 0, u32::MAX, "after both writes");
     fs.release(fh).unwrap();
+}
+
+/// A commit of the staged namespace changes is held in the store while
+/// namespace operations go on: creating, writing, renaming and looking up
+/// files do not wait for it, and the held batch's new file reads as written.
+/// Unlinking that file waits for the batch's outcome (whether a delete must
+/// reach the store depends on it), then deletes it. After a remount the store
+/// holds exactly what the operations left, whether the held batch was stored
+/// or refused.
+fn namespace_commit_in_flight(store_it: bool) {
+    let domain = Domain::new();
+    let config = FsConfig::default();
+    let (fs, gate, arrived, verdict) = gated(&domain, &config);
+    let flags = libc::O_RDWR;
+    let (held, fh) = fs
+        .create(&root(), FileSystem::ROOT, b"held", 0o644, 0, flags)
+        .unwrap();
+    fs.write(fh, 0, b"held bytes").unwrap();
+    // A small new file is staged on close, to go with its directory entry.
+    fs.release(fh).unwrap();
+    gate.armed.store(held.ino, Ordering::SeqCst);
+    let later = std::thread::scope(|scope| {
+        let committer = scope.spawn(|| fs.commit_pending());
+        arrived.recv().unwrap();
+        let (done_tx, done) = mpsc::channel();
+        let fs = &fs;
+        let others = scope.spawn(move || {
+            let (later, fh) = fs
+                .create(&root(), FileSystem::ROOT, b"later", 0o644, 0, flags)
+                .unwrap();
+            fs.write(fh, 0, b"later bytes").unwrap();
+            fs.release(fh).unwrap();
+            fs.rename(
+                &root(),
+                FileSystem::ROOT,
+                b"later",
+                FileSystem::ROOT,
+                b"renamed",
+                RenameMode::Replace,
+            )
+            .unwrap();
+            let found = fs.lookup(&root(), FileSystem::ROOT, b"held").unwrap();
+            assert_eq!(found.ino, held.ino);
+            let fh = fs.open(&root(), held.ino, libc::O_RDONLY).unwrap();
+            assert_eq!(fs.read(fh, 0, 100).unwrap(), b"held bytes");
+            fs.release(fh).unwrap();
+            done_tx.send(()).unwrap();
+            later.ino
+        });
+        if done.recv_timeout(Duration::from_secs(30)).is_err() {
+            // Let the committer go before failing, or the scope waits forever.
+            verdict.send(store_it).unwrap();
+            panic!("namespace operations waited for the commit in flight");
+        }
+        let later = others.join().unwrap();
+        let unlinker = scope.spawn(|| fs.unlink(&root(), FileSystem::ROOT, b"held"));
+        std::thread::sleep(Duration::from_millis(200));
+        let waited = !unlinker.is_finished();
+        verdict.send(store_it).unwrap();
+        let committed = committer.join().unwrap();
+        assert_eq!(
+            committed.is_ok(),
+            store_it,
+            "the held commit: {committed:?}"
+        );
+        unlinker.join().unwrap().unwrap();
+        assert!(waited, "the unlink did not wait for the commit of its file");
+        later
+    });
+    assert!(fs.lookup(&root(), FileSystem::ROOT, b"held").is_err());
+    fs.sync_all().unwrap();
+    drop(fs);
+    drop(gate);
+    let fs = domain.mount(config.clone());
+    assert!(fs.resolve(&root(), "/held").is_err());
+    assert_eq!(fs.resolve(&root(), "/renamed").unwrap(), later);
+    let fh = fs.open(&root(), later, libc::O_RDONLY).unwrap();
+    assert_eq!(fs.read(fh, 0, 100).unwrap(), b"later bytes");
+    fs.release(fh).unwrap();
+    drop(fs);
+    // Neither the held batch nor the delete after it left the file behind.
+    let service = open_service(
+        &domain.data(),
+        domain.creds.clone(),
+        &Membership::Alone,
+        &ServiceOptions::default(),
+    )
+    .unwrap();
+    assert!(service.read_meta(held.ino).unwrap().is_none());
+}
+
+#[test]
+fn namespace_operations_go_on_while_a_namespace_commit_is_stored() {
+    namespace_commit_in_flight(true);
+}
+
+#[test]
+fn namespace_operations_go_on_while_a_namespace_commit_is_refused() {
+    namespace_commit_in_flight(false);
 }
