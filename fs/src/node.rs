@@ -929,6 +929,15 @@ impl NodeState {
     /// [`NodeState::abort_commit`]. Wait for [`NodeState::can_begin_commit`]
     /// first.
     pub fn prepare_commit(&mut self, ctx: &Ctx) -> FsResult<Option<FileWrite>> {
+        self.prepare_unsigned(ctx)?
+            .map(|write| write.sign(ctx))
+            .transpose()
+    }
+
+    /// [`NodeState::prepare_commit`] but for the signature, which the returned
+    /// write takes without the node ([`UnsignedWrite::sign`]): a batch of many
+    /// nodes is signed after their locks are released.
+    pub fn prepare_unsigned(&mut self, ctx: &Ctx) -> FsResult<Option<UnsignedWrite>> {
         if !self.can_begin_commit() {
             return Err(FsError::Io(format!(
                 "inode {}: a commit was prepared while the ones in flight do not allow it",
@@ -1049,8 +1058,7 @@ impl NodeState {
             }
             None => body.set_secrets(&self.secrets, None)?,
         }
-        let meta = FileMeta::sign(body, &RuntimeSigner(ctx.creds.as_ref()))?;
-        Ok(Some(FileWrite { meta, data, holes }))
+        Ok(Some(UnsignedWrite { body, data, holes }))
     }
 
     /// Hands the buffers [`NodeState::prepare_commit`] sealed to a commit in
@@ -1230,6 +1238,26 @@ impl NodeState {
     pub fn touch_ctime(&mut self) {
         self.secrets.ctime = now();
         self.meta_dirty = true;
+    }
+}
+
+/// A file's part of a batch before its metadata is signed
+/// ([`NodeState::prepare_unsigned`]).
+pub struct UnsignedWrite {
+    body: MetaBody,
+    data: Vec<(u64, Vec<u8>)>,
+    holes: Vec<u64>,
+}
+
+impl UnsignedWrite {
+    /// Signs the new metadata: the file's part of the batch.
+    pub fn sign(self, ctx: &Ctx) -> FsResult<FileWrite> {
+        let meta = FileMeta::sign(self.body, &RuntimeSigner(ctx.creds.as_ref()))?;
+        Ok(FileWrite {
+            meta,
+            data: self.data,
+            holes: self.holes,
+        })
     }
 }
 

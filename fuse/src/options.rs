@@ -16,6 +16,22 @@ pub const DEFAULT_READAHEAD_KIB: u32 = 4096;
 /// Worker threads serving requests unless `-o threads=N` says otherwise.
 pub const DEFAULT_THREADS: usize = 8;
 
+/// How long the kernel may cache names and attributes unless `-o
+/// entry_timeout=`/`attr_timeout=` say otherwise. A mount is its store's only
+/// writer: `blocktree mount --data` locks the data directory and opens its store
+/// without network, so nothing changes a name or an attribute but this mount's
+/// own requests, which the kernel sees and updates its cache from (as
+/// virtiofs's `cache=always` relies on for a directory it alone uses). The
+/// bound is a safety net, not a staleness budget. A mount through a shared
+/// store (`--connect`, not built yet) needs a short one.
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
+
+/// How long the kernel may remember that a name does not exist unless `-o
+/// negative_timeout=` says otherwise. Short: a directory whose search
+/// permission is taken away keeps its missing names this long (ENOENT where
+/// a lookup would now say EACCES).
+pub const DEFAULT_NEGATIVE_TTL: Duration = Duration::from_secs(1);
+
 /// The most worker threads `-o threads=N` accepts.
 pub const MAX_THREADS: usize = 256;
 
@@ -44,9 +60,11 @@ pub struct MountOptions {
     /// Readahead of the mount in KiB (`readahead_kb=N`, default 4096; 0 keeps the
     /// kernel's 128). Set through sysfs after mounting, which needs root.
     pub readahead_kb: u32,
-    /// How long the kernel may cache attributes (`attr_timeout=SECONDS`).
+    /// How long the kernel may cache attributes (`attr_timeout=SECONDS`,
+    /// default [`DEFAULT_CACHE_TTL`]).
     pub attr_ttl: Duration,
-    /// How long the kernel may cache a name's entry (`entry_timeout=SECONDS`).
+    /// How long the kernel may cache a name's entry (`entry_timeout=SECONDS`,
+    /// default [`DEFAULT_CACHE_TTL`]).
     pub entry_ttl: Duration,
     /// How long the kernel may remember that a name does not exist
     /// (`negative_timeout=SECONDS`; 0 turns it off).
@@ -71,9 +89,9 @@ impl Default for MountOptions {
             writeback_cache: true,
             threads: DEFAULT_THREADS,
             readahead_kb: DEFAULT_READAHEAD_KIB,
-            attr_ttl: Duration::from_secs(1),
-            entry_ttl: Duration::from_secs(1),
-            negative_ttl: Duration::from_secs(1),
+            attr_ttl: DEFAULT_CACHE_TTL,
+            entry_ttl: DEFAULT_CACHE_TTL,
+            negative_ttl: DEFAULT_NEGATIVE_TTL,
             fsname: "blocktree".into(),
             subtype: "blocktree".into(),
             passthrough: Vec::new(),

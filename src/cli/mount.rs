@@ -53,8 +53,9 @@ Mount options (-o, comma separated, repeatable):
   no_writeback_cache     no kernel writeback cache (on by default unless ro)
   threads=N              requests served at once (default 8)
   readahead_kb=N         readahead of the mount (default 4096 when run as root; 0 = kernel's)
-  attr_timeout=S         seconds the kernel caches attributes (default 1)
-  entry_timeout=S        seconds the kernel caches names (default 1)
+  attr_timeout=S         seconds the kernel caches attributes (default 60: the
+                         mount is its store's only writer)
+  entry_timeout=S        seconds the kernel caches names (default 60)
   negative_timeout=S     seconds the kernel caches missing names (default 1, 0 = off)
   fsname=NAME, subtype=NAME   names in the mount table (default blocktree)
   nodev, nosuid, noexec, noatime, sync, dirsync, ... passed to the kernel as they are
