@@ -735,11 +735,16 @@ impl FileSystem {
         stored
     }
 
-    /// Takes the staged changes and prepares each node's part of their batch,
-    /// under the namespace lock and the nodes' locks; `None` if nothing is
-    /// staged. On an error, nothing is in flight and everything stays staged.
+    /// Takes the staged changes and prepares each node's part of their batch;
+    /// `None` if nothing is staged. The namespace lock is held while the
+    /// changes are taken and their nodes locked, so the batch has every
+    /// namespace operation whole or not at all; each node is then prepared
+    /// and let go, in inode order, so a directory's creates and unlinks go on
+    /// while the batch's other nodes are prepared (an operation that needs one
+    /// of those waits for it, and its changes go to the next batch). On an
+    /// error, nothing is in flight and everything stays staged.
     fn begin_pending_commit(&self) -> FsResult<Option<NamespaceCommit>> {
-        let _namespace = lock(&self.namespace);
+        let namespace = lock(&self.namespace);
         let (nodes, tombstones, deleted, created, since) = {
             let mut pending = lock(&self.pending);
             if pending.nodes.is_empty() && pending.tombstones.is_empty() {
@@ -756,42 +761,52 @@ impl FileSystem {
         // In inode order, like every multi-node lock here. Waiting for one
         // node's commit in flight while holding others is safe: that commit
         // needs only its own node's lock to finish.
-        let mut guards: Vec<MutexGuard<'_, NodeState>> =
+        let guards: Vec<MutexGuard<'_, NodeState>> =
             nodes.values().map(|node| lock_settled(node)).collect();
+        drop(namespace);
         let mut prepared = Vec::new();
         let mut failure = None;
-        for (index, guard) in guards.iter_mut().enumerate() {
+        let mut unprepared = Vec::new();
+        for (node_ref, mut guard) in nodes.values().zip(guards) {
+            if failure.is_some() {
+                unprepared.push(guard);
+                continue;
+            }
             match guard.prepare_unsigned(&self.ctx) {
                 Ok(Some(write)) => {
                     let seq = guard.begin_commit();
-                    prepared.push((index, seq, write));
+                    prepared.push((Arc::clone(node_ref), seq, write));
                 }
                 Ok(None) => {}
                 Err(error) => {
                     failure = Some(error);
-                    break;
+                    unprepared.push(guard);
                 }
             }
         }
         if let Some(error) = failure {
-            for guard in guards.iter_mut() {
+            for guard in unprepared.iter_mut() {
                 guard.abort_commit();
             }
-            drop(guards);
-            let mut pending = lock(&self.pending);
-            for (ino, node) in nodes {
-                pending.nodes.entry(ino).or_insert(node);
+            drop(unprepared);
+            {
+                let mut pending = lock(&self.pending);
+                for (ino, node) in nodes {
+                    if !pending.deleted.contains(&ino) {
+                        pending.nodes.entry(ino).or_insert(node);
+                    }
+                }
+                pending.tombstones.extend(tombstones);
+                pending.since = since.or(pending.since);
             }
-            pending.tombstones.extend(tombstones);
-            pending.since = since.or(pending.since);
+            let begun = prepared
+                .into_iter()
+                .map(|(node, seq, _)| (node, seq, None))
+                .collect();
+            self.end_commits(begun);
             return Err(error);
         }
-        drop(guards);
-        let refs: Vec<&NodeRef> = nodes.values().collect();
-        let prepared = prepared
-            .into_iter()
-            .map(|(index, seq, write)| (Arc::clone(refs[index]), seq, write))
-            .collect();
+        drop(unprepared);
         Ok(Some(NamespaceCommit {
             prepared,
             tombstones,
