@@ -2607,7 +2607,14 @@ impl FileSystem {
                     let Some(fs) = weak.upgrade() else {
                         return;
                     };
-                    fs.commit_if_due();
+                    // Operations rely on this thread to commit what they
+                    // staged: a panic in one round must not end it.
+                    let round = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        fs.commit_if_due();
+                    }));
+                    if round.is_err() {
+                        tracing::error!("a commit of the staged changes panicked; will retry");
+                    }
                 }
             });
         if let Err(error) = spawned {

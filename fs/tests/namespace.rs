@@ -401,3 +401,56 @@ fn truncate_and_rewrite_in_a_new_directory_keeps_only_the_new_bytes() {
     let fh = fs.open(&root(), f, libc::O_RDONLY).unwrap();
     assert_eq!(fs.read(fh, 0, 10_000).unwrap(), expected);
 }
+
+/// Polls `done` every 20 ms for up to 30 s; false if it never held.
+fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
+}
+
+/// With the background flusher running, staged namespace changes reach the
+/// store without an fsync: the creates and unlinks that make a commit due
+/// only wake the flusher, and the rest are committed once they are a second
+/// old. The store is read directly, beside the file system.
+#[test]
+fn the_flusher_commits_staged_changes_in_the_background() {
+    use blocktree_fs::local::{Membership, ServiceOptions, open_service};
+    use blocktree_raftlog::SectorService;
+    use std::sync::Arc;
+    let domain = Domain::new();
+    let service: Arc<dyn SectorService> = open_service(
+        &domain.data(),
+        domain.creds.clone(),
+        &Membership::Alone,
+        &ServiceOptions::default(),
+    )
+    .unwrap();
+    let fs = Arc::new(
+        FileSystem::new(service.clone(), domain.creds.clone(), FsConfig::default()).unwrap(),
+    );
+    FileSystem::start_flusher(&fs);
+    // More than one commit's worth (1,024 changed files), and a remainder.
+    let inos: Vec<u64> = (0..1500)
+        .map(|i| write_file(&fs, R, &format!("f{i:04}"), b"x"))
+        .collect();
+    let stored = |ino: &u64| service.read_meta(*ino).unwrap().is_some();
+    assert!(
+        eventually(|| inos.iter().all(stored)),
+        "the created files did not all reach the store"
+    );
+    for i in 0..1500 {
+        fs.unlink(&root(), R, format!("f{i:04}").as_bytes())
+            .unwrap();
+    }
+    assert!(
+        eventually(|| !inos.iter().any(stored)),
+        "the unlinked files did not all leave the store"
+    );
+    assert!(names(&fs, R).is_empty());
+}
