@@ -2235,6 +2235,9 @@ impl FileSystem {
             node = settle(node);
         }
         node.handles = node.handles.saturating_sub(1);
+        if node.handles == 0 {
+            node.drop_cached_sectors();
+        }
         if node.secrets.nlink == 0 && node.handles == 0 {
             let ino = node.ino;
             let tombstone = if node.stored {

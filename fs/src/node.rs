@@ -1165,6 +1165,12 @@ impl NodeState {
             return;
         };
         self.commit_done.notify_all();
+        if self.handles == 0 {
+            // A closed file (a small one committed with its directory entry
+            // after close): nobody is reading it through this node now.
+            self.drop_cached_sectors();
+            return;
+        }
         let now = Instant::now();
         let committed: Vec<(u64, Vec<u8>)> = done
             .sectors
@@ -1183,6 +1189,16 @@ impl NodeState {
                 self.cache.insert(index, (now, plaintext));
             }
         }
+    }
+
+    /// Forgets the plaintext sectors cached for readers, when the file's last
+    /// handle is closed: cached nodes are many (16,384) and each may cache up
+    /// to [`CACHED_SECTORS`], so closed files' sectors would add up to
+    /// gigabytes; a file read again comes from the store through the page
+    /// cache. Writing 10,000 files of 60 KiB through btfuse peaked at 787 MiB
+    /// resident with the sectors kept.
+    pub fn drop_cached_sectors(&mut self) {
+        self.cache = HashMap::new();
     }
 
     /// After a refused or failed batch: nothing is lost. While later commits
