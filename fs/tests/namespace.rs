@@ -435,8 +435,8 @@ fn the_flusher_commits_staged_changes_in_the_background() {
         FileSystem::new(service.clone(), domain.creds.clone(), FsConfig::default()).unwrap(),
     );
     FileSystem::start_flusher(&fs);
-    // More than one commit's worth (1,024 changed files), and a remainder.
-    let inos: Vec<u64> = (0..1500)
+    // More than one commit's worth (4,096 changed files), and a remainder.
+    let inos: Vec<u64> = (0..4500)
         .map(|i| write_file(&fs, R, &format!("f{i:04}"), b"x"))
         .collect();
     let stored = |ino: &u64| service.read_meta(*ino).unwrap().is_some();
@@ -444,7 +444,7 @@ fn the_flusher_commits_staged_changes_in_the_background() {
         eventually(|| inos.iter().all(stored)),
         "the created files did not all reach the store"
     );
-    for i in 0..1500 {
+    for i in 0..4500 {
         fs.unlink(&root(), R, format!("f{i:04}").as_bytes())
             .unwrap();
     }
